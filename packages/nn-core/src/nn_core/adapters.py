@@ -1,0 +1,247 @@
+"""Architecture adapters: where the decoder blocks and the MLP down-projection live.
+
+The down-projection follows one rule for every architecture: inside a decoder block's
+MLP, the linear map with ``out_features == hidden_size`` and ``in_features >
+hidden_size``. Known architectures are a registry keyed by ``config.model_type``; any
+other model gets the structural fallback, which applies that rule to the module tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nn_core.errors import NNError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where things are for one architecture (paths relative to the top model)."""
+
+    layers: tuple[str, ...]  # candidate paths of the ModuleList of decoder blocks
+    down_proj: str  # path of the down-projection inside one block
+    conv1d: bool = False  # GPT-2 style Conv1D: weight stored as (in, out)
+
+
+_LLAMA_LIKE = ArchSpec(
+    layers=("model.layers", "model.language_model.layers", "language_model.model.layers"),
+    down_proj="mlp.down_proj",
+)
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
+    "gpt2": ArchSpec(layers=("transformer.h",), down_proj="mlp.c_proj", conv1d=True),
+    "gpt_neox": ArchSpec(layers=("gpt_neox.layers",), down_proj="mlp.dense_4h_to_h"),
+    "opt": ArchSpec(layers=("model.decoder.layers",), down_proj="fc2"),
+}
+
+
+def _get(root: nn.Module, path: str) -> nn.Module | None:
+    mod = root
+    for part in path.split("."):
+        if not hasattr(mod, part):
+            return None
+        mod = getattr(mod, part)
+    return mod
+
+
+def _is_conv1d(mod: nn.Module) -> bool:
+    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf")
+
+
+def _in_out(mod: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a Linear, a quantized Linear or a GPT-2 Conv1D."""
+    if _is_conv1d(mod):
+        return int(mod.weight.shape[0]), int(mod.nf)
+    if isinstance(mod, nn.Linear) or (
+        hasattr(mod, "in_features") and hasattr(mod, "out_features")
+    ):
+        return int(mod.in_features), int(mod.out_features)
+    return None
+
+
+def _hidden_size(config) -> int:
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    text = getattr(config, "text_config", None)
+    if text is not None:
+        return _hidden_size(text)
+    raise NNError("cannot find hidden_size in the model config: this architecture is not supported")
+
+
+class ModelAdapter:
+    """Resolved view of one model: decoder blocks, down-projections and site widths.
+
+    >>> ad = get_adapter(model)
+    >>> ad.num_layers, ad.hidden_size, ad.intermediate_size
+    >>> ad.down_proj(3)          # the module; ad.down_proj_path(3) its dotted name
+    """
+
+    def __init__(self, model: nn.Module, layers_path: str, down_rel: str, conv1d: bool,
+                 source: str):
+        self.model = model
+        self.model_type = getattr(model.config, "model_type", type(model).__name__)
+        self.layers_path = layers_path
+        self.down_rel = down_rel
+        self.conv1d = conv1d
+        self.source = source  # "registry" or "structural"
+        blocks = _get(model, layers_path)
+        assert isinstance(blocks, nn.ModuleList)
+        self.layers: list[nn.Module] = list(blocks)
+        self.hidden_size = _hidden_size(model.config)
+        first = self.down_proj(0)
+        io = _in_out(first)
+        if io is None:
+            raise NNError(f"{self.down_proj_path(0)} is not a linear layer: unsupported model")
+        self.intermediate_size = io[0]
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def down_proj_name(self) -> str:
+        """Leaf name of the down-projection (what PEFT ``target_modules`` matches)."""
+        return self.down_rel.rsplit(".", 1)[-1]
+
+    def check_layer(self, layer: int) -> int:
+        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise NNError(
+                f"layer {layer} is out of range: this model has layers 0..{self.num_layers - 1}"
+            )
+        return layer
+
+    def layer(self, layer: int) -> nn.Module:
+        return self.layers[self.check_layer(layer)]
+
+    def layer_path(self, layer: int) -> str:
+        return f"{self.layers_path}.{self.check_layer(layer)}"
+
+    def down_proj(self, layer: int) -> nn.Module:
+        mod = _get(self.layer(layer), self.down_rel)
+        if mod is None:
+            raise NNError(f"{self.down_proj_path(layer)} does not exist: unsupported model layout")
+        return mod
+
+    def down_proj_path(self, layer: int) -> str:
+        return f"{self.layer_path(layer)}.{self.down_rel}"
+
+    def down_weight_name(self, layer: int) -> str:
+        return f"{self.down_proj_path(layer)}.weight"
+
+    def down_weight(self, layer: int) -> torch.Tensor:
+        return self.down_proj(layer).weight
+
+    def neuron_dim(self) -> int:
+        """Dimension of the down-projection weight indexed by ``mlp_act`` channels.
+
+        ``nn.Linear`` stores (out, in): the input channel is dim 1. Conv1D stores (in, out):
+        dim 0. ``mlp_out`` channels live on the other dimension.
+        """
+        return 0 if self.conv1d else 1
+
+    def width(self, site: str) -> int:
+        from nn_core.sites import check_site
+
+        site = check_site(site)
+        return self.intermediate_size if site == "mlp_act" else self.hidden_size
+
+    def widths(self) -> dict[str, int]:
+        from nn_core.sites import SITES
+
+        return {s: self.width(s) for s in SITES}
+
+    def describe(self) -> dict:
+        """A JSON-able summary: what ``nn-core sites MODEL`` prints."""
+        return {
+            "model_id": model_id(self.model),
+            "model_type": self.model_type,
+            "adapter": self.source,
+            "num_layers": self.num_layers,
+            "widths": self.widths(),
+            "layers_path": self.layers_path,
+            "down_proj": self.down_rel + (" (Conv1D, weight is (in, out))" if self.conv1d else ""),
+            "sites": {
+                "mlp_act": f"input of {self.down_proj_path(0).replace('.0.', '.{i}.')}",
+                "mlp_out": f"output of {self.down_proj_path(0).replace('.0.', '.{i}.')}",
+                "resid": f"output of {self.layer_path(0).replace('.0', '.{i}')}",
+            },
+        }
+
+
+def model_id(model: nn.Module) -> str:
+    """The id a model was loaded under (alias, hub id or path); '' if unknown."""
+    cfg = getattr(model, "config", None)
+    return str(getattr(cfg, "name_or_path", "") or getattr(cfg, "_name_or_path", "") or "")
+
+
+def _num_layers_from_config(config) -> int | None:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    text = getattr(config, "text_config", None)
+    return _num_layers_from_config(text) if text is not None else None
+
+
+def _structural(model: nn.Module) -> ModelAdapter:
+    """Find the decoder blocks and the down-projection by the seed rule."""
+    config = model.config
+    hidden = _hidden_size(config)
+    n_layers = _num_layers_from_config(config)
+    candidates = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n_layers is None or len(mod) == n_layers)
+    ]
+    for layers_path, blocks in candidates:
+        block = blocks[0]
+        downs = []
+        for rel, sub in block.named_modules():
+            io = _in_out(sub)
+            if io is not None and io[1] == hidden and io[0] > hidden:
+                downs.append((rel, sub))
+        if len(downs) == 1:
+            rel, sub = downs[0]
+            return ModelAdapter(model, layers_path, rel, _is_conv1d(sub), "structural")
+        # prefer the candidate inside an MLP-named submodule when there are several
+        mlp = [d for d in downs if any(k in d[0] for k in ("mlp", "ffn", "feed_forward"))]
+        if len(mlp) == 1:
+            rel, sub = mlp[0]
+            return ModelAdapter(model, layers_path, rel, _is_conv1d(sub), "structural")
+    raise NNError(
+        f"unsupported architecture '{getattr(config, 'model_type', type(model).__name__)}': "
+        f"no MLP down-projection found; supported types are {', '.join(sorted(ARCHITECTURES))}"
+    )
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """Resolve the adapter for ``model`` (cached on the model object)."""
+    cached = getattr(model, "_nn_adapter", None)
+    if cached is not None and cached.model is model:
+        return cached
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
+        raise NNError("the model has no config.model_type: pass a Hugging Face causal LM")
+    spec = ARCHITECTURES.get(model_type)
+    adapter = None
+    if spec is not None:
+        for path in spec.layers:
+            blocks = _get(model, path)
+            if isinstance(blocks, nn.ModuleList) and _get(blocks[0], spec.down_proj) is not None:
+                adapter = ModelAdapter(model, path, spec.down_proj, spec.conv1d, "registry")
+                break
+    if adapter is None:
+        adapter = _structural(model)
+    object.__setattr__(model, "_nn_adapter", adapter)
+    return adapter

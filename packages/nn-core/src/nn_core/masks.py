@@ -1,0 +1,189 @@
+"""Neuron masks (forward) and weight masks (gradient), both from selections.
+
+``mask_neurons(model, ns, mode)`` multiplies site activations by a 0/1 vector:
+
+* ``lesion``: the selected channels are zeroed, everything else untouched.
+* ``preserve``: only the selected channels pass; for every site the set is about, every
+  layer is masked, and a layer with no selected channel is zeroed entirely.
+
+Multiplying by 1.0 is exact in IEEE arithmetic, so unmasked channels are bit-identical to
+an unhooked forward. The handle works as a context manager or stays attached (training)
+until ``remove()``; it registers nothing until entered or attached, so it cannot leak.
+
+``WeightMask`` trains only some rows/columns of weights: gradients of frozen entries are
+zeroed by a tensor hook and, after every optimizer step, frozen entries are written back
+from a saved copy, so decoupled weight decay and stale Adam moments cannot move them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from nn_core.errors import NNError
+from nn_core.hooks import register_site_hooks
+from nn_core.neuronset import NeuronSet
+from nn_core.sites import SiteRef
+
+MODES = ("lesion", "preserve")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise NNError(f"unknown mask mode '{mode}': use lesion or preserve")
+    return mode
+
+
+def site_masks(model: nn.Module, neurons: NeuronSet, mode: str) -> dict[SiteRef, torch.Tensor]:
+    """The 0/1 float vectors ``mask_neurons`` applies, per (layer, site)."""
+    from nn_core.adapters import get_adapter
+
+    check_mode(mode)
+    ad = get_adapter(model)
+    neurons.validate(model, check_id=False)
+    out: dict[SiteRef, torch.Tensor] = {}
+    for site in neurons.sites:
+        width = ad.width(site)
+        for layer in range(ad.num_layers):
+            idx = neurons.indices(layer, site)
+            if mode == "lesion":
+                if idx.numel() == 0:
+                    continue
+                vec = torch.ones(width)
+                vec[idx] = 0.0
+            else:
+                vec = torch.zeros(width)
+                vec[idx] = 1.0
+            out[SiteRef(layer, site)] = vec
+    return out
+
+
+class MaskHandle:
+    """Forward masks on a model. Use ``with handle:`` or ``handle.attach()``/``remove()``."""
+
+    def __init__(self, model: nn.Module, masks: Mapping[SiteRef, torch.Tensor], mode: str):
+        self.model = model
+        self.mode = mode
+        self.masks = dict(masks)
+        self._handles: list = []
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def _fn(self, ref: SiteRef):
+        base = self.masks[ref]
+
+        def apply(x: torch.Tensor) -> torch.Tensor:
+            key = (ref, x.device, x.dtype)
+            vec = self._cache.get(key)
+            if vec is None:
+                vec = self._cache[key] = base.to(device=x.device, dtype=x.dtype)
+            return x * vec
+        return apply
+
+    def attach(self) -> MaskHandle:
+        if self._handles:
+            raise RuntimeError("mask is already attached")
+        self._handles = register_site_hooks(self.model, {r: self._fn(r) for r in self.masks})
+        return self
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> MaskHandle:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def mask_neurons(model: nn.Module, neurons: NeuronSet, mode: str = "lesion") -> MaskHandle:
+    """Mask the neurons of ``neurons`` (validated against ``model``); see module docs."""
+    return MaskHandle(model, site_masks(model, neurons, mode), mode)
+
+
+# --------------------------------------------------------------------------- gradients
+class WeightMask:
+    """Freeze part of some parameters during training.
+
+    ``trainable`` maps a parameter (or its name) to a boolean tensor of its shape that is
+    True where the entry may change. Call ``attach(optimizer)``; every optimizer step then
+    leaves the frozen entries bit-identical.
+    """
+
+    def __init__(self, model: nn.Module, trainable: Mapping[str, torch.Tensor]):
+        params = dict(model.named_parameters())
+        self.model = model
+        self._entries: list[tuple[str, nn.Parameter, torch.Tensor, torch.Tensor]] = []
+        for name, mask in trainable.items():
+            if name not in params:
+                raise NNError(f"no parameter named '{name}' in the model")
+            p = params[name]
+            if tuple(mask.shape) != tuple(p.shape):
+                raise NNError(f"mask for {name} has shape {tuple(mask.shape)}, parameter has {tuple(p.shape)}")
+            m = mask.to(device=p.device, dtype=torch.bool)
+            self._entries.append((name, p, m, p.detach().clone()))
+        self._handles: list = []
+
+    def n_trainable(self) -> int:
+        return int(sum(int(m.sum()) for _, _, m, _ in self._entries))
+
+    def attach(self, optimizer: torch.optim.Optimizer | None = None) -> WeightMask:
+        for _, p, m, _ in self._entries:
+            self._handles.append(p.register_hook(lambda g, m=m: g * m.to(g.dtype)))
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_post_hook(lambda *a, **k: self.restore()))
+        return self
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write the frozen entries back to their saved values."""
+        for _, p, m, saved in self._entries:
+            p.copy_(torch.where(m, p, saved))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> WeightMask:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def down_proj_weight_mask(model: nn.Module, neurons: NeuronSet, mode: str = "preserve") -> WeightMask:
+    """WeightMask over the down-projections from a NeuronSet on ``mlp_act`` or ``mlp_out``.
+
+    An ``mlp_act`` channel j owns input column j of the down-projection (weight[:, j] for
+    ``nn.Linear``, weight[j, :] for GPT-2's Conv1D); an ``mlp_out`` channel c owns output row c.
+    ``preserve`` trains only the selected slices, ``lesion`` everything but them. Layers
+    without a selected channel are entirely frozen (preserve) or entirely trainable (lesion).
+    """
+    from nn_core.adapters import get_adapter
+
+    check_mode(mode)
+    ad = get_adapter(model)
+    neurons.validate(model, check_id=False)
+    bad = [s for s in neurons.sites if s not in ("mlp_act", "mlp_out")]
+    if bad:
+        raise NNError(f"weight masks need mlp_act or mlp_out neurons, not {bad}")
+    names = {id(p): n for n, p in model.named_parameters()}
+    trainable: dict[str, torch.Tensor] = {}
+    for layer in range(ad.num_layers):
+        w = ad.down_weight(layer)
+        sel = torch.zeros(w.shape, dtype=torch.bool)
+        for site in neurons.sites:
+            idx = neurons.indices(layer, site)
+            act_dim = ad.neuron_dim()
+            dim = act_dim if site == "mlp_act" else 1 - act_dim
+            sel.index_fill_(dim, idx, True)
+        trainable[names[id(w)]] = sel if mode == "preserve" else ~sel
+    return WeightMask(model, trainable)

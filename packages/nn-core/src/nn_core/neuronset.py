@@ -1,0 +1,302 @@
+"""NeuronSet: an immutable selection of neurons, ``{(layer, site): sorted unique indices}``.
+
+Every method in nn ends in a selection and every intervention starts from one. A
+NeuronSet records the model it was made for in ``meta`` (model id, number of layers,
+widths per site) and is validated against a model before use. On disk it is JSON with
+``"format": "nn.neuronset/1"``; see docs/formats.md.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nn_core.errors import NNError
+from nn_core.sites import SITES, SiteRef, as_site_ref, model_signature
+
+FORMAT = "nn.neuronset/1"
+
+
+def _indices(values, ref: SiteRef) -> np.ndarray:
+    arr = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values)
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.ndim != 1:
+        raise NNError(f"indices for {ref} must be a flat list, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.equal(np.mod(arr, 1), 0)):
+            raise NNError(f"indices for {ref} must be integers")
+    arr = np.unique(arr.astype(np.int64))
+    if arr[0] < 0:
+        raise NNError(f"negative index {arr[0]} in {ref}: indices count from 0")
+    return arr
+
+
+class NeuronSet:
+    """Immutable neuron selection.
+
+    >>> ns = NeuronSet({(0, "mlp_act"): [3, 1, 3]}, meta={"num_layers": 2})
+    >>> ns[0, "mlp_act"]            # tensor([1, 3])
+    >>> (ns | other).jaccard(other)
+    """
+
+    __slots__ = ("_data", "_meta")
+
+    def __init__(self, entries: Mapping | None = None, meta: Mapping | None = None):
+        data: dict[SiteRef, np.ndarray] = {}
+        for key, values in (entries or {}).items():
+            ref = as_site_ref(key)
+            arr = _indices(values, ref)
+            if arr.size:
+                data[ref] = arr
+        meta = dict(meta or {})
+        sites = set(meta.get("sites") or []) | {r.site for r in data}
+        meta["sites"] = [s for s in SITES if s in sites]
+        widths = meta.get("widths") or {}
+        for ref, arr in data.items():
+            n_layers = meta.get("num_layers")
+            if n_layers is not None and ref.layer >= n_layers:
+                raise NNError(f"layer {ref.layer} is out of range for a {n_layers}-layer model")
+            width = widths.get(ref.site)
+            if width is not None and arr[-1] >= width:
+                raise NNError(f"index {arr[-1]} is out of range for {ref} (width {width})")
+        self._data = dict(sorted(data.items()))
+        self._meta = meta
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def for_model(cls, model, entries: Mapping | None = None, **meta) -> NeuronSet:
+        """A NeuronSet stamped with ``model``'s signature and a creation time."""
+        sig = model_signature(model)
+        full = {**sig, "created_at": _now(), **meta}
+        ns = cls(entries, full)
+        ns.validate(model)
+        return ns
+
+    def with_meta(self, **updates) -> NeuronSet:
+        return NeuronSet(self._data, {**self._meta, **updates})
+
+    # ---------------------------------------------------------------- access
+    @property
+    def meta(self) -> dict:
+        return dict(self._meta)
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """Sites this selection is about (also those with no selected channel)."""
+        return tuple(self._meta["sites"])
+
+    def keys(self) -> list[SiteRef]:
+        return list(self._data)
+
+    def items(self) -> Iterator[tuple[SiteRef, torch.Tensor]]:
+        for ref, arr in self._data.items():
+            yield ref, torch.from_numpy(arr.copy())
+
+    def indices(self, layer: int, site: str) -> torch.Tensor:
+        arr = self._data.get(SiteRef(layer, site))
+        return torch.from_numpy(arr.copy()) if arr is not None else torch.zeros(0, dtype=torch.long)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        ref = as_site_ref(key)
+        return self.indices(ref.layer, ref.site)
+
+    def __contains__(self, key) -> bool:
+        if isinstance(key, tuple) and len(key) == 3:
+            layer, site, idx = key
+            arr = self._data.get(SiteRef(layer, site))
+            return arr is not None and bool(np.isin(idx, arr))
+        return as_site_ref(key) in self._data
+
+    def __len__(self) -> int:
+        return int(sum(a.size for a in self._data.values()))
+
+    def __bool__(self) -> bool:
+        return bool(self._data)
+
+    def __iter__(self) -> Iterator[tuple[int, str, int]]:
+        for ref, arr in self._data.items():
+            for i in arr.tolist():
+                yield ref.layer, ref.site, i
+
+    def counts(self) -> dict[SiteRef, int]:
+        """Selected channels per (layer, site)."""
+        return {ref: int(arr.size) for ref, arr in self._data.items()}
+
+    def layer_counts(self, site: str | None = None) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for ref, arr in self._data.items():
+            if site is None or ref.site == site:
+                out[ref.layer] = out.get(ref.layer, 0) + int(arr.size)
+        return out
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, NeuronSet):
+            return NotImplemented
+        return self._data.keys() == other._data.keys() and all(
+            np.array_equal(a, other._data[k]) for k, a in self._data.items()
+        )
+
+    def __hash__(self):
+        return hash(tuple((k, a.tobytes()) for k, a in self._data.items()))
+
+    def __repr__(self) -> str:
+        layers = sorted({r.layer for r in self._data})
+        return (f"NeuronSet({len(self)} neurons, sites={list(self.sites)}, "
+                f"layers={layers[:8]}{'...' if len(layers) > 8 else ''}, "
+                f"model={self._meta.get('model_id', '?')!r})")
+
+    # ---------------------------------------------------------------- algebra
+    def _combine(self, other: NeuronSet, op) -> NeuronSet:
+        if not isinstance(other, NeuronSet):
+            return NotImplemented
+        _check_compatible(self._meta, other._meta)
+        out = {}
+        for ref in set(self._data) | set(other._data):
+            a = self._data.get(ref, np.zeros(0, np.int64))
+            b = other._data.get(ref, np.zeros(0, np.int64))
+            out[ref] = op(a, b)
+        meta = {**other._meta, **self._meta}
+        meta["sites"] = sorted(set(self.sites) | set(other.sites), key=SITES.index)
+        return NeuronSet(out, meta)
+
+    def __or__(self, other):
+        return self._combine(other, np.union1d)
+
+    def __and__(self, other):
+        return self._combine(other, lambda a, b: np.intersect1d(a, b, assume_unique=True))
+
+    def __sub__(self, other):
+        return self._combine(other, lambda a, b: np.setdiff1d(a, b, assume_unique=True))
+
+    def __xor__(self, other):
+        return self._combine(other, lambda a, b: np.setxor1d(a, b, assume_unique=True))
+
+    def jaccard(self, other: NeuronSet) -> float:
+        """|A ∩ B| / |A ∪ B| (1.0 for two empty sets)."""
+        union = len(self | other)
+        return 1.0 if union == 0 else len(self & other) / union
+
+    def complement(self, widths: Mapping[str, int] | None = None,
+                   num_layers: int | None = None) -> NeuronSet:
+        """Every channel of this set's sites (all layers) that is not selected."""
+        widths = dict(widths or self._meta.get("widths") or {})
+        num_layers = num_layers or self._meta.get("num_layers")
+        if num_layers is None or any(s not in widths for s in self.sites):
+            raise NNError("complement needs num_layers and widths in meta: build the set with NeuronSet.for_model")
+        out = {}
+        for site in self.sites:
+            full = np.arange(widths[site], dtype=np.int64)
+            for layer in range(num_layers):
+                sel = self._data.get(SiteRef(layer, site), np.zeros(0, np.int64))
+                out[(layer, site)] = np.setdiff1d(full, sel, assume_unique=True)
+        return NeuronSet(out, {**self._meta, "widths": widths, "num_layers": num_layers})
+
+    def random_like(self, seed: int, widths: Mapping[str, int] | None = None) -> NeuronSet:
+        """Same count per (layer, site), indices drawn uniformly without replacement."""
+        widths = dict(widths or self._meta.get("widths") or {})
+        rng = np.random.default_rng(seed)
+        out = {}
+        for ref, arr in self._data.items():
+            if ref.site not in widths:
+                raise NNError("random_like needs widths in meta: build the set with NeuronSet.for_model")
+            out[ref] = rng.choice(widths[ref.site], size=arr.size, replace=False)
+        meta = {**self._meta, "method": "random_like", "parameters": {"seed": seed, "of": self._meta.get("method")}}
+        return NeuronSet(out, meta)
+
+    def filter(self, *, layers: Iterable[int] | None = None, sites: Iterable[str] | None = None) -> NeuronSet:
+        layers = set(layers) if layers is not None else None
+        sites = set(sites) if sites is not None else None
+        keep = {r: a for r, a in self._data.items()
+                if (layers is None or r.layer in layers) and (sites is None or r.site in sites)}
+        meta = dict(self._meta)
+        if sites is not None:
+            meta["sites"] = [s for s in self.sites if s in sites]
+        return NeuronSet(keep, meta)
+
+    # ---------------------------------------------------------------- validation
+    def validate(self, model, *, check_id: bool = True) -> NeuronSet:
+        """Raise :class:`NNError` unless this set fits ``model`` (layers, widths, identity)."""
+        sig = model_signature(model)
+        _check_against(self._meta, sig, what="neuron set", check_id=check_id)
+        for ref, arr in self._data.items():
+            if ref.layer >= sig["num_layers"]:
+                raise NNError(f"layer {ref.layer} is out of range for {sig['model_id'] or 'this model'} "
+                              f"({sig['num_layers']} layers): the selection was made for another model")
+            width = sig["widths"][ref.site]
+            if arr[-1] >= width:
+                raise NNError(f"index {arr[-1]} is out of range for {ref} (width {width}): "
+                              "the selection was made for another model")
+        return self
+
+    # ---------------------------------------------------------------- I/O
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "meta": self._meta,
+            "neurons": {str(ref): arr.tolist() for ref, arr in self._data.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, obj: Mapping) -> NeuronSet:
+        fmt = obj.get("format") if isinstance(obj, Mapping) else None
+        if fmt != FORMAT:
+            raise NNError(f"not a NeuronSet file (format {fmt!r}, expected {FORMAT!r}): "
+                          "foreign formats are read with nn_core.formats")
+        return cls(obj.get("neurons") or {}, obj.get("meta") or {})
+
+    def save(self, path) -> Path:
+        from nn_core.io import atomic_write_json
+
+        return atomic_write_json(path, self.to_dict(), indent=None)
+
+    @classmethod
+    def load(cls, path) -> NeuronSet:
+        path = Path(path)
+        if not path.is_file():
+            raise NNError(f"neuron set file '{path}' does not exist: check the path")
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise NNError(f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return cls.from_dict(obj)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def _check_compatible(a: Mapping, b: Mapping) -> None:
+    for key in ("num_layers", "model_id"):
+        if a.get(key) is not None and b.get(key) is not None and a[key] != b[key]:
+            raise NNError(f"cannot combine selections made for different models ({key}: "
+                          f"{a[key]!r} vs {b[key]!r})")
+
+
+def _check_against(meta: Mapping, sig: Mapping, *, what: str, check_id: bool = True) -> None:
+    """Compare a selection's recorded model signature with a model's.
+
+    Layer count, widths and architecture must match; the model id must match too unless
+    ``check_id`` is False (the same weights loaded under another path or alias)."""
+    mid, sid = meta.get("model_id"), sig.get("model_id")
+    if check_id and mid and sid and mid != sid:
+        raise NNError(f"this {what} was made for model '{mid}', not '{sid}': rebuild it for "
+                      "this model (or pass check_id=False if they are the same weights)")
+    mt = meta.get("model_type")
+    if mt and sig.get("model_type") and mt != sig["model_type"]:
+        raise NNError(f"this {what} was made for a '{mt}' model, not '{sig['model_type']}': "
+                      "rebuild it for this model")
+    if meta.get("num_layers") is not None and meta["num_layers"] != sig["num_layers"]:
+        raise NNError(f"this {what} was made for a {meta['num_layers']}-layer model "
+                      f"({meta.get('model_id') or '?'}), not {sig['model_id'] or 'this model'} "
+                      f"({sig['num_layers']} layers): rebuild it for this model")
+    for site, width in (meta.get("widths") or {}).items():
+        if site in sig["widths"] and sig["widths"][site] != width:
+            raise NNError(f"this {what} was made for {site} width {width} "
+                          f"({meta.get('model_id') or '?'}), but {sig['model_id'] or 'this model'} "
+                          f"has {sig['widths'][site]}: rebuild it for this model")
