@@ -28,9 +28,8 @@ def _indices(values, ref: SiteRef) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     if arr.ndim != 1:
         raise NNError(f"indices for {ref} must be a flat list, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.integer):
-        if not np.all(np.equal(np.mod(arr, 1), 0)):
-            raise NNError(f"indices for {ref} must be integers")
+    if not np.issubdtype(arr.dtype, np.integer) and not np.all(np.equal(np.mod(arr, 1), 0)):
+        raise NNError(f"indices for {ref} must be integers")
     arr = np.unique(arr.astype(np.int64))
     if arr[0] < 0:
         raise NNError(f"negative index {arr[0]} in {ref}: indices count from 0")
