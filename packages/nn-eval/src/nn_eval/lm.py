@@ -1,0 +1,253 @@
+"""Language-model metrics: negative log-likelihood, perplexity and top-1 token accuracy.
+
+For a sequence of tokens x_0 .. x_{n-1} a causal LM predicts x_t from x_{<t}, so the
+sequence contributes n-1 predicted tokens (fewer where labels are -100). Over all scored
+tokens T of the data,
+
+    nll       = (1/|T|) * sum_{t in T} -log p(x_t | context_t)        (float64 sum)
+    ppl       = exp(nll)
+    token_acc = (1/|T|) * sum_{t in T} [argmax_v p(v | context_t) == x_t]
+
+A sequence longer than ``max_length`` is cut into overlapping windows of ``max_length``
+tokens: the first window scores its tokens 1..max_length-1, each next window ends
+``stride`` tokens further and scores only those new tokens, with the rest of the window
+as context (the strided-perplexity scheme of the Hugging Face docs, with the last window
+also kept full length). Every token after the first is scored exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nn_core.errors import NNError
+from nn_eval._model import eval_mode, model_device, pad_id_of, run_with_intervention
+
+IGNORE = -100
+_DICT_KEYS = ("input_ids", "labels", "attention_mask")
+
+
+@dataclass
+class _Segment:
+    seq: int            # index of the source sequence in ``data``
+    ids: list[int]
+    labels: list[int]   # target at each position; labels[0] is never scored (no context)
+
+
+def evaluate_lm(
+    model: nn.Module,
+    tokenizer,
+    data,
+    *,
+    max_length: int = 1024,
+    stride: int | None = None,
+    batch_size: int = 8,
+    intervention=None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """NLL, perplexity and token accuracy of ``model`` on ``data`` (see module docs).
+
+    ``data``: a list of texts (needs ``tokenizer``), of token-id lists, or of dicts with
+    ``input_ids`` and optional ``labels`` (-100 = not scored) and ``attention_mask``
+    (0 = padding, dropped); a 2-D LongTensor counts as a list of rows.
+    ``stride``: new tokens scored per window after the first; default ``max_length // 2``.
+    ``intervention``: a context manager or a zero-argument factory of one (e.g.
+    ``lambda: mask_neurons(model, ns, "lesion")``). Then the result is
+    ``{"baseline": ..., "intervened": ..., "delta": {"ppl", "nll", "token_acc"}}``
+    (delta = intervened - baseline) and the model is left as it was.
+    ``progress``: called as ``progress(batches_done, batches_total)``.
+
+    Returns ``{"ppl", "nll", "token_acc", "n_tokens", "n_sequences", "n_skipped"}``;
+    sequences with nothing to score (fewer than 2 tokens, or all labels -100) are
+    skipped and counted in ``n_skipped``.
+    """
+    if max_length < 2:
+        raise NNError(f"max_length={max_length} is too small: use at least 2 tokens")
+    if stride is None:
+        stride = max(1, max_length // 2)
+    if not 1 <= stride <= max_length - 1:
+        raise NNError(
+            f"stride={stride} must be between 1 and max_length-1={max_length - 1} "
+            "so every window scores new tokens with some context"
+        )
+    if batch_size < 1:
+        raise NNError(f"batch_size={batch_size} must be at least 1")
+    sequences = sequences_from_data(tokenizer, data)
+    _check_vocab(model, sequences)
+    segments, skipped = make_segments(sequences, max_length, stride)
+    if not segments:
+        raise NNError(
+            f"nothing to score: all {len(sequences)} sequences have fewer than 2 tokens "
+            "or no labelled tokens; pass longer texts"
+        )
+
+    def run() -> dict:
+        out = _score(model, segments, pad_id_of(tokenizer), batch_size, progress)
+        out["n_sequences"] = len(sequences) - skipped
+        out["n_skipped"] = skipped
+        return out
+
+    if intervention is None:
+        return run()
+    baseline, changed = run_with_intervention(model, intervention, run)
+    delta = {k: changed[k] - baseline[k] for k in ("ppl", "nll", "token_acc")}
+    return {"baseline": baseline, "intervened": changed, "delta": delta}
+
+
+# --------------------------------------------------------------------------- inputs
+def sequences_from_data(tokenizer, data) -> list[tuple[list[int], list[int] | None]]:
+    """Normalise ``data`` to ``[(input_ids, labels or None)]``; raises NNError on bad input."""
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2:
+            raise NNError(f"a tensor of token ids must be 2-D (sequences, tokens), got shape {tuple(data.shape)}")
+        data = list(data)
+    if isinstance(data, (str, dict)) or not isinstance(data, Sequence | list):
+        raise NNError(
+            f"data must be a list of texts, token-id lists or dicts with input_ids, "
+            f"not {type(data).__name__}"
+        )
+    if len(data) == 0:
+        raise NNError("no data to evaluate: the list is empty; pass at least one text or sequence")
+
+    texts = [i for i, x in enumerate(data) if isinstance(x, str)]
+    encoded: dict[int, list[int]] = {}
+    if texts:
+        if tokenizer is None:
+            raise NNError("data are texts but no tokenizer was given: pass the model's tokenizer")
+        ids = tokenizer([data[i] for i in texts], add_special_tokens=True, verbose=False)["input_ids"]
+        encoded = dict(zip(texts, ids, strict=True))
+
+    out: list[tuple[list[int], list[int] | None]] = []
+    for i, item in enumerate(data):
+        if i in encoded:
+            out.append((list(encoded[i]), None))
+        elif isinstance(item, dict):
+            out.append(_from_dict(i, item))
+        else:
+            out.append((_as_ids(item, f"sequence {i}"), None))
+    return out
+
+
+def _as_ids(x, what: str) -> list[int]:
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 1 or x.is_floating_point():
+            raise NNError(f"{what} must be a 1-D integer tensor, got {x.dtype} of shape {tuple(x.shape)}")
+        return [int(v) for v in x.tolist()]
+    if isinstance(x, (list, tuple)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in x):
+            raise NNError(f"{what} must hold integer token ids only")
+        return list(x)
+    raise NNError(
+        f"{what} is a {type(x).__name__}: items must be texts, token-id lists or dicts with input_ids"
+    )
+
+
+def _from_dict(i: int, item: dict) -> tuple[list[int], list[int] | None]:
+    unknown = sorted(set(item) - set(_DICT_KEYS))
+    if unknown or "input_ids" not in item:
+        raise NNError(
+            f"sequence {i} has fields {sorted(item)}: expected input_ids with optional "
+            "labels and attention_mask"
+        )
+    ids = _as_ids(item["input_ids"], f"input_ids of sequence {i}")
+    labels = _as_ids(item["labels"], f"labels of sequence {i}") if item.get("labels") is not None else None
+    if labels is not None and len(labels) != len(ids):
+        raise NNError(f"sequence {i} has {len(ids)} input_ids but {len(labels)} labels: they must match")
+    if item.get("attention_mask") is not None:
+        mask = _as_ids(item["attention_mask"], f"attention_mask of sequence {i}")
+        if len(mask) != len(ids):
+            raise NNError(f"sequence {i} has {len(ids)} input_ids but {len(mask)} attention_mask entries")
+        keep = [k for k, m in enumerate(mask) if m]
+        ids = [ids[k] for k in keep]
+        labels = None if labels is None else [labels[k] for k in keep]
+    return ids, labels
+
+
+def _check_vocab(model: nn.Module, sequences) -> None:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    n = getattr(emb, "num_embeddings", None)
+    if n is None:
+        return
+    for i, (ids, _) in enumerate(sequences):
+        if ids and (max(ids) >= n or min(ids) < 0):
+            raise NNError(
+                f"sequence {i} has token id {max(ids) if max(ids) >= n else min(ids)} outside the "
+                f"model's vocabulary of {n}: tokenize with the model's own tokenizer"
+            )
+
+
+def make_segments(sequences, max_length: int, stride: int) -> tuple[list[_Segment], int]:
+    """Cut sequences into scoring windows; returns ``(segments, n_skipped)``."""
+    segments: list[_Segment] = []
+    skipped = 0
+    for s, (ids, labels) in enumerate(sequences):
+        labels = ids if labels is None else labels
+        if len(ids) < 2 or all(v == IGNORE for v in labels[1:]):
+            skipped += 1
+            continue
+        n = len(ids)
+        end = min(n, max_length)
+        segments.append(_Segment(s, ids[:end], list(labels[:end])))
+        while end < n:
+            new_end = min(end + stride, n)
+            begin = new_end - max_length
+            # Positions begin..end-1 are context only; end..new_end-1 are the new targets.
+            seg_labels = [IGNORE] * (end - begin) + list(labels[end:new_end])
+            segments.append(_Segment(s, ids[begin:new_end], seg_labels))
+            end = new_end
+    return segments, skipped
+
+
+# --------------------------------------------------------------------------- scoring
+def _score(model, segments: list[_Segment], pad_id: int, batch_size: int, progress) -> dict:
+    device = model_device(model)
+    # Longest first: padding stays small and an out-of-memory error shows up at once.
+    order = sorted(range(len(segments)), key=lambda k: (-len(segments[k].ids), k))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    total_nll = 0.0
+    n_tokens = 0
+    n_correct = 0
+    with eval_mode(model), torch.inference_mode():
+        for b, idx in enumerate(batches):
+            width = len(segments[idx[0]].ids)
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(idx), width), IGNORE, dtype=torch.long)
+            for r, k in enumerate(idx):
+                seg = segments[k]
+                ids[r, : len(seg.ids)] = torch.tensor(seg.ids)
+                labels[r, : len(seg.labels)] = torch.tensor(seg.labels)
+            # Right padding under a causal mask never reaches a real position, so no
+            # attention_mask is passed: the fast causal attention path stays in use.
+            logits = model(input_ids=ids.to(device), use_cache=False).logits
+            targets = labels[:, 1:].to(device)
+            keep = targets != IGNORE
+            sel = logits[:, :-1][keep].float()
+            tgt = targets[keep]
+            nll = torch.nn.functional.cross_entropy(sel, tgt, reduction="none")
+            if not bool(torch.isfinite(nll).all()):
+                seqs = sorted({segments[k].seq for k in idx})
+                raise NNError(
+                    f"non-finite logits in batch {b} (sequences {_short(seqs)}): the model "
+                    "produced NaN/inf; try --dtype float32 or check the intervention"
+                )
+            total_nll += float(nll.double().sum())
+            n_correct += int((sel.argmax(-1) == tgt).sum())
+            n_tokens += int(tgt.numel())
+            if progress is not None:
+                progress(b + 1, len(batches))
+    mean = total_nll / n_tokens
+    return {
+        "ppl": math.exp(mean) if mean < 709.0 else math.inf,
+        "nll": mean,
+        "token_acc": n_correct / n_tokens,
+        "n_tokens": n_tokens,
+    }
+
+
+def _short(items: list[int], limit: int = 8) -> str:
+    head = ", ".join(str(v) for v in items[:limit])
+    return head + (f", ... ({len(items)} in all)" if len(items) > limit else "")
