@@ -2,22 +2,30 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
+import types
 
 import pytest
 import torch
 
 from nn_core.data import (
     IGNORE_INDEX,
+    Example,
     batches,
     collate,
+    detect_format,
+    load_instructions,
     load_texts,
+    parse_records,
+    render,
     resolve_text_spec,
     sample,
     split_texts,
     token_blocks,
+    tokenize_examples,
     tokenize_texts,
 )
-from nn_core.errors import NNError
+from nn_core.errors import MissingExtraError, NNError
 from nn_core.tokenizer import byte_tokenizer
 
 
@@ -210,3 +218,205 @@ def test_batches_cover_everything_once():
     # Sorting keeps padding low: every batch is of near-equal lengths.
     assert all(max(b["attention_mask"].sum(1)) - min(b["attention_mask"].sum(1)) <= 1
                for b in grouped)
+
+
+# --- hub datasets (a stand-in module: tests never touch the network) ------------------
+
+
+def test_hub_dataset_through_datasets(monkeypatch):
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return [{"id": 1, "text": "hub doc one"}, {"id": 2, "text": "hub doc two"}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert load_texts("someone/corpus:en@test", limit=2) == ["hub doc one", "hub doc two"]
+    assert calls == [("someone/corpus", "en", "test[:2]")]
+
+
+def test_hub_offline_is_one_line_error(monkeypatch):
+    def load_dataset(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'someone/corpus' on the Hub\nmore detail")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(NNError) as info:
+        load_texts("someone/corpus")
+    msg = str(info.value)
+    assert "\n" not in msg and "someone/corpus" in msg and "local file" in msg
+
+
+def test_hub_without_datasets_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(MissingExtraError, match=r'nn-core\[datasets\]'):
+        load_texts("someone/corpus")
+
+
+# --- instruction formats ---------------------------------------------------------------
+
+ALPACA = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+          {"instruction": "Say hi.", "input": "", "output": "hi"}]
+DOLLY = [{"instruction": "Summarise.", "context": "A long text.", "response": "Short.",
+          "category": "summarization"}]
+SIMPLE = [{"prompt": "Capital of France?", "response": "Paris"}]
+SHAREGPT = [{"conversations": [
+    {"from": "system", "value": "Be terse."},
+    {"from": "human", "value": "hi"},
+    {"from": "gpt", "value": "hello"},
+    {"from": "human", "value": "2+2?"},
+    {"from": "gpt", "value": "4"},
+    {"from": "human", "value": "trailing question with no answer"},
+]}]
+OPENAI = [{"messages": [{"role": "user", "content": "ping"},
+                        {"role": "assistant", "content": "pong"}]}]
+
+
+def test_detect_format_each_and_error_lists_fields():
+    assert detect_format(ALPACA) == "alpaca"
+    assert detect_format(DOLLY) == "dolly"
+    assert detect_format(SIMPLE) == "simple"
+    assert detect_format(SHAREGPT) == "sharegpt"
+    assert detect_format(OPENAI) == "sharegpt"
+    with pytest.raises(NNError, match="question, answer"):
+        detect_format([{"question": "q", "answer": "a"}])
+
+
+def test_parse_each_format():
+    assert parse_records(ALPACA) == [Example("Add the numbers.\n\n2 and 3", "5"),
+                                     Example("Say hi.", "hi")]
+    assert parse_records(DOLLY) == [Example("Summarise.\n\nA long text.", "Short.")]
+    assert parse_records(SIMPLE) == [Example("Capital of France?", "Paris")]
+    # Multi-turn: the last assistant turn is the response; earlier turns are history.
+    assert parse_records(SHAREGPT) == [Example("2+2?", "4", "Be terse.",
+                                               (("user", "hi"), ("assistant", "hello")))]
+    assert parse_records(OPENAI) == [Example("ping", "pong")]
+    # Records without a response are skipped; a forced format reads other records.
+    assert parse_records([{"prompt": "p", "response": ""}]) == []
+    with pytest.raises(NNError, match="unknown instruction format"):
+        parse_records(SIMPLE, "vicuna")
+    with dataclasses_frozen():
+        Example("a", "b").prompt = "c"
+
+
+def dataclasses_frozen():
+    import dataclasses
+
+    return pytest.raises(dataclasses.FrozenInstanceError)
+
+
+def test_load_instructions_from_files(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(ALPACA))
+    with open(tmp_path / "d.jsonl", "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in DOLLY * 3)
+    with open(tmp_path / "s.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["prompt", "response"])
+        w.writeheader()
+        w.writerows(SIMPLE)
+    assert load_instructions(str(tmp_path / "a.json")) == parse_records(ALPACA)
+    assert len(load_instructions(str(tmp_path / "d.jsonl"))) == 3
+    assert load_instructions(str(tmp_path / "d.jsonl"), limit=2) == parse_records(DOLLY) * 2
+    assert load_instructions(str(tmp_path / "s.csv"), format="simple") == parse_records(SIMPLE)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"q": 1, "a": 2}) + "\n")
+    with pytest.raises(NNError, match="fields q, a"):
+        load_instructions(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(NNError, match="no instruction examples"):
+        load_instructions(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(NNError, match="not instruction data"):
+        load_instructions("pydoc")
+    with pytest.raises(NNError, match="does not exist"):
+        load_instructions(str(tmp_path / "missing.jsonl"))
+
+
+def test_load_instructions_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.Table.from_pylist(ALPACA), tmp_path / "a.parquet")
+    assert load_instructions(str(tmp_path / "a.parquet")) == parse_records(ALPACA)
+
+
+# --- rendering and prompt masking ------------------------------------------------------
+
+
+def test_render_chat_template_and_fallback(tok):
+    ex = Example("2+2?", "4", "Be terse.", (("user", "hi"), ("assistant", "hello")))
+    prompt, full = render(tok, ex)
+    assert prompt == ("<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                      "<|im_start|>assistant\nhello<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+                      "<|im_start|>assistant\n")
+    assert full == prompt + "4<|im_end|>\n"
+    plain = byte_tokenizer()
+    plain.chat_template = None
+    prompt, full = render(plain, Example("Say hi.", "hi"))
+    assert prompt == "### Instruction:\nSay hi.\n\n### Response:\n"
+    assert full == prompt + "hi"
+
+
+def _masked_split(tokenizer, feature):
+    ids, labels = feature["input_ids"], feature["labels"]
+    n_prompt = sum(1 for x in labels if x == -100)
+    assert labels[:n_prompt] == [-100] * n_prompt  # the mask is one leading span
+    assert labels[n_prompt:] == ids[n_prompt:]
+    return (tokenizer.decode(ids[:n_prompt], skip_special_tokens=False),
+            tokenizer.decode(ids[n_prompt:], skip_special_tokens=False))
+
+
+def test_prompt_tokens_masked_response_tokens_not(tok):
+    examples = parse_records(ALPACA) + parse_records(SHAREGPT)
+    feats = tokenize_examples(tok, examples, max_length=None)
+    assert len(feats) == 3 and feats.dropped == 0
+    for ex, feat in zip(examples, feats, strict=True):
+        prompt, response = _masked_split(tok, feat)
+        assert prompt == render(tok, ex)[0]
+        assert response == ex.response + "<|im_end|>\n<|endoftext|>"
+        assert feat["input_ids"][-1] == tok.eos_token_id
+
+
+def test_masking_when_prompt_ids_are_not_a_prefix():
+    # A tokenizer with one merge across the prompt/response boundary ("\n" + "x"), so the
+    # prompt's ids are not a prefix of the full text's ids.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    base = byte_tokenizer()
+    vocab = dict(base.get_vocab())
+    vocab["Ċx"] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[("Ċ", "x")]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(["<|endoftext|>", "<|pad|>"])
+    merging = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>",
+                                      pad_token="<|pad|>")
+    ex = Example("Say x.", "xyz")
+    prompt_text, full_text = render(merging, ex)
+    full_ids = merging(full_text, add_special_tokens=False)["input_ids"]
+    prompt_ids = merging(prompt_text, add_special_tokens=False)["input_ids"]
+    assert full_ids[: len(prompt_ids)] != prompt_ids  # the case under test
+    (feat,) = tokenize_examples(merging, [ex], max_length=None)
+    prompt, response = _masked_split(merging, feat)
+    assert prompt == prompt_text and response == "xyz<|endoftext|>"
+
+
+def test_truncation_keeps_prompt_masked_and_drops_empty_responses(tok):
+    short = Example("p", "a long response " * 5)
+    long_prompt = Example("q" * 200, "r")
+    prompt_len = len(tok(render(tok, short)[0], add_special_tokens=False)["input_ids"])
+    feats = tokenize_examples(tok, [short, long_prompt], max_length=prompt_len + 4)
+    assert feats.dropped == 1 and len(feats) == 1
+    (feat,) = feats
+    assert len(feat["input_ids"]) == prompt_len + 4
+    assert feat["labels"][:prompt_len] == [-100] * prompt_len
+    assert tok.decode(feat["labels"][prompt_len:]) == "a lo"
+    with pytest.raises(NNError, match="max-length"):
+        tokenize_examples(tok, [long_prompt], max_length=50)
+
+
+def test_instruction_batches_pad_labels_with_ignore_index(tok):
+    feats = tokenize_examples(tok, parse_records(ALPACA), max_length=None)
+    (batch,) = batches(feats, 2, pad_id=tok.pad_token_id, padding_side="left")
+    lengths = [len(f["input_ids"]) for f in feats]
+    short = lengths.index(min(lengths))
+    pad = max(lengths) - min(lengths)
+    assert batch["attention_mask"][short, :pad].sum() == 0
+    assert (batch["labels"][short, :pad] == -100).all()
+    assert batch["input_ids"][short, pad:].tolist() == feats[short]["input_ids"]

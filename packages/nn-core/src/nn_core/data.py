@@ -461,3 +461,235 @@ def batches(features: Sequence, batch_size: int, *, shuffle: bool = False, seed:
         rng.shuffle(chunks)
     for chunk in chunks:
         yield collate([features[i] for i in chunk], pad_id, padding_side)
+
+
+# --------------------------------------------------------------------------------------
+# Instruction data
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    """One instruction example: the user's ``prompt``, the target ``response``, an optional
+    ``system`` message and, for multi-turn conversations, the earlier ``history`` as
+    ``(role, content)`` pairs (roles ``user``/``assistant``) that precede ``prompt``."""
+
+    prompt: str
+    response: str
+    system: str | None = None
+    history: tuple[tuple[str, str], ...] = ()
+
+
+FORMATS = ("alpaca", "sharegpt", "dolly", "simple")
+
+_USER_ROLES = {"human", "user", "prompter"}
+_ASSISTANT_ROLES = {"gpt", "assistant", "bot", "model", "chatgpt"}
+
+
+def detect_format(records: Sequence) -> str:
+    """Name the instruction format of ``records`` from the fields of the first one.
+
+    ``sharegpt``: a ``conversations`` (or ``messages``) list; ``alpaca``: ``instruction``
+    and ``output``; ``dolly``: ``instruction`` and ``response``; ``simple``: ``prompt`` and
+    ``response``. Anything else raises :class:`NNError` listing the fields found.
+    """
+    first = next((r for r in records if r is not None), None)
+    if not isinstance(first, dict):
+        raise NNError("instruction data must be a list of records (objects), found "
+                      f"{type(first).__name__ if first is not None else 'nothing'}")
+    keys = set(first)
+    if ("conversations" in keys or "messages" in keys):
+        return "sharegpt"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"instruction", "response"} <= keys:
+        return "dolly"
+    if {"prompt", "response"} <= keys:
+        return "simple"
+    raise NNError(f"cannot tell the instruction format from the fields {', '.join(first)}: "
+                  "expected alpaca (instruction/input/output), sharegpt (conversations), "
+                  "dolly (instruction/context/response) or simple (prompt/response); rename "
+                  "the fields or pass the format")
+
+
+def _joined(head, tail) -> str:
+    head, tail = (head or "").strip(), (tail or "").strip()
+    return f"{head}\n\n{tail}" if tail else head
+
+
+def _from_alpaca(r: dict) -> Example:
+    return Example(_joined(r.get("instruction"), r.get("input")), (r.get("output") or "").strip(),
+                   r.get("system") or None)
+
+
+def _from_dolly(r: dict) -> Example:
+    return Example(_joined(r.get("instruction"), r.get("context")),
+                   (r.get("response") or "").strip(), r.get("system") or None)
+
+
+def _from_simple(r: dict) -> Example:
+    return Example((r.get("prompt") or "").strip(), (r.get("response") or "").strip(),
+                   r.get("system") or None)
+
+
+def _from_sharegpt(r: dict) -> Example | None:
+    """All turns up to the last assistant turn: that turn is the response, the user turn
+    before it the prompt, earlier turns the history; later turns are dropped."""
+    turns = r.get("conversations", r.get("messages"))
+    if not isinstance(turns, list):
+        return None
+    system = r.get("system") or None
+    msgs: list[tuple[str, str]] = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise NNError("sharegpt turns must be objects with from/value or role/content, "
+                          f"found {type(turn).__name__}")
+        role = str(turn.get("from", turn.get("role", ""))).lower()
+        content = turn.get("value", turn.get("content"))
+        if not isinstance(content, str):
+            continue
+        if role == "system":
+            system = content
+        elif role in _USER_ROLES:
+            msgs.append(("user", content))
+        elif role in _ASSISTANT_ROLES:
+            msgs.append(("assistant", content))
+        else:
+            raise NNError(f"unknown sharegpt role '{role}': use human/user, gpt/assistant or system")
+    last = max((i for i, (role, _) in enumerate(msgs) if role == "assistant"), default=None)
+    if last is None or last == 0 or msgs[last - 1][0] != "user":
+        return None
+    return Example(msgs[last - 1][1].strip(), msgs[last][1].strip(), system,
+                   tuple(msgs[: last - 1]))
+
+
+_PARSERS = {"alpaca": _from_alpaca, "sharegpt": _from_sharegpt, "dolly": _from_dolly,
+            "simple": _from_simple}
+
+
+def parse_records(records: Sequence, format: str = "auto") -> list[Example]:
+    """Examples from records in ``format`` (or the detected one); records without a
+    prompt or a response are skipped."""
+    fmt = detect_format(records) if format == "auto" else format
+    if fmt not in _PARSERS:
+        raise NNError(f"unknown instruction format '{format}': use auto, {', '.join(FORMATS)}")
+    out = []
+    for r in records:
+        if not isinstance(r, dict):
+            raise NNError(f"instruction records must be objects, found {type(r).__name__}")
+        ex = _PARSERS[fmt](r)
+        if ex is not None and ex.prompt and ex.response:
+            out.append(ex)
+    return out
+
+
+def load_instructions(spec: str | Path, format: str = "auto", limit: int | None = None) -> list[Example]:
+    """Load instruction examples from a JSON/JSONL/CSV/Parquet file, a folder of them, or a
+    hub dataset; ``format`` is ``auto`` or one of :data:`FORMATS`; ``limit`` keeps the
+    first examples."""
+    if limit is not None and limit < 1:
+        raise NNError(f"limit must be at least 1, got {limit}")
+    src, records = _records_for(spec, RECORD_SUFFIXES, limit)
+    examples = parse_records(records, format) if records else []
+    if not examples:
+        raise NNError(f"no instruction examples found in '{src.spec}': check it holds records "
+                      "with a non-empty prompt and response")
+    return examples[:limit] if limit is not None else examples
+
+
+# --------------------------------------------------------------------------------------
+# Rendering and tokenization with prompt masking
+# --------------------------------------------------------------------------------------
+
+
+def _messages(example: Example, *, fold_system: bool = False) -> list[dict]:
+    msgs = [{"role": role, "content": text} for role, text in example.history]
+    msgs.append({"role": "user", "content": example.prompt})
+    if example.system:
+        if fold_system:
+            msgs[0] = {"role": "user", "content": f"{example.system}\n\n{msgs[0]['content']}"}
+        else:
+            msgs.insert(0, {"role": "system", "content": example.system})
+    return msgs
+
+
+def _fallback_prompt(example: Example) -> str:
+    parts = [f"### System:\n{example.system}\n\n"] if example.system else []
+    for role, text in example.history:
+        head = "### Instruction:" if role == "user" else "### Response:"
+        parts.append(f"{head}\n{text}\n\n")
+    parts.append(f"### Instruction:\n{example.prompt}\n\n### Response:\n")
+    return "".join(parts)
+
+
+def render(tokenizer, example: Example) -> tuple[str, str]:
+    """``(prompt_text, full_text)`` for ``example``; ``full_text`` starts with ``prompt_text``.
+
+    With a chat template: the prompt is the conversation up to the user turn with the
+    generation prompt (``add_generation_prompt=True``), the full text adds the assistant
+    turn. Templates that render the assistant turn differently after the generation
+    prompt (so the prompt is not a prefix) get ``prompt_text + response``. Without a
+    template: a plain ``### Instruction:`` / ``### Response:`` layout.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        prompt = _fallback_prompt(example)
+        return prompt, prompt + example.response
+    msgs = _messages(example)
+    try:
+        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template error; jinja2's type is not ours to import
+        if not example.system:
+            raise
+        # Templates that reject a system role (Gemma) get it folded into the first turn.
+        msgs = _messages(example, fold_system=True)
+        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template([*msgs, {"role": "assistant", "content": example.response}],
+                                         tokenize=False)
+    if not full.startswith(prompt):
+        full = prompt + example.response
+    return prompt, full
+
+
+class Features(list):
+    """A list of ``{"input_ids", "labels"}`` dicts; ``dropped`` counts examples left out
+    because truncation removed their whole response."""
+
+    dropped: int = 0
+
+
+def tokenize_examples(tokenizer, examples: Sequence[Example], max_length: int | None) -> Features:
+    """Token ids and labels for supervised fine-tuning, loss on the response only.
+
+    ``labels[i] = -100`` for every prompt token and equals ``input_ids[i]`` on the response,
+    which ends with the EOS token (appended unless the rendered response already holds it).
+    The prompt ids come from tokenizing ``prompt_text`` alone; when they are not a prefix
+    of the ids of ``full_text`` (a merge across the boundary), the response is tokenized on
+    its own and concatenated, so the masked span is exactly the prompt. Sequences over
+    ``max_length`` lose the end of the response; examples whose prompt alone fills
+    ``max_length`` are dropped and counted in ``.dropped``.
+    """
+    if max_length is not None and max_length < 2:
+        raise NNError(f"max_length must be at least 2, got {max_length}")
+    eos = tokenizer.eos_token_id
+    bos = _adds_bos(tokenizer)
+    rendered = [render(tokenizer, ex) for ex in examples]
+    prompts = _encode(tokenizer, [p for p, _ in rendered], bos=bos)
+    fulls = _encode(tokenizer, [f for _, f in rendered], bos=bos)
+    out = Features()
+    for (prompt_text, full_text), p_ids, f_ids in zip(rendered, prompts, fulls, strict=True):
+        if f_ids[: len(p_ids)] == p_ids:
+            r_ids = f_ids[len(p_ids):]
+        else:
+            r_ids = _encode(tokenizer, [full_text[len(prompt_text):]], bos=False)[0]
+        if eos is not None and eos not in r_ids:
+            r_ids = [*r_ids, eos]
+        if max_length is not None and len(p_ids) + len(r_ids) > max_length:
+            if len(p_ids) >= max_length:
+                out.dropped += 1
+                continue
+            r_ids = r_ids[: max_length - len(p_ids)]
+        out.append({"input_ids": p_ids + r_ids, "labels": [IGNORE_INDEX] * len(p_ids) + r_ids})
+    if examples and not out:
+        raise NNError(f"every example's prompt is at least max_length={max_length} tokens: raise "
+                      "--max-length or shorten the prompts")
+    return out
