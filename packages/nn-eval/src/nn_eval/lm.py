@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nn_core.data import tokenize_texts
 from nn_core.errors import NNError
 from nn_eval._model import eval_mode, model_device, pad_id_of, run_with_intervention
 
@@ -118,7 +119,7 @@ def sequences_from_data(tokenizer, data) -> list[tuple[list[int], list[int] | No
     if texts:
         if tokenizer is None:
             raise NNError("data are texts but no tokenizer was given: pass the model's tokenizer")
-        ids = tokenizer([data[i] for i in texts], add_special_tokens=True, verbose=False)["input_ids"]
+        ids = tokenize_texts(tokenizer, [data[i] for i in texts])
         encoded = dict(zip(texts, ids, strict=True))
 
     out: list[tuple[list[int], list[int] | None]] = []
