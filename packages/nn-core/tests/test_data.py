@@ -420,3 +420,30 @@ def test_instruction_batches_pad_labels_with_ignore_index(tok):
     assert batch["attention_mask"][short, :pad].sum() == 0
     assert (batch["labels"][short, :pad] == -100).all()
     assert batch["input_ids"][short, pad:].tolist() == feats[short]["input_ids"]
+
+
+def _bos_tokenizer():
+    """The byte tokenizer plus a post-processor that prepends a BOS (as Llama's does)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    base = byte_tokenizer()
+    core = base.backend_tokenizer
+    core.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", base.convert_tokens_to_ids("<|im_start|>"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>",
+                                  eos_token="<|endoftext|>", pad_token="<|pad|>")
+    return tok
+
+
+def test_bos_kept_once_for_tokenizers_that_add_it():
+    tok = _bos_tokenizer()
+    bos = tok.bos_token_id
+    assert tok("a")["input_ids"] == [bos, 97]  # the premise: this tokenizer adds a BOS
+    assert tokenize_texts(tok, ["ab", "c"]) == [[bos, 97, 98], [bos, 99]]
+    stream = token_blocks(tok, ["ab", "c"], 6).flatten().tolist()
+    assert stream == [bos, 97, 98, tok.eos_token_id, bos, 99]
+    (feat,) = tokenize_examples(tok, [Example("hi", "yo")], max_length=None)
+    assert feat["input_ids"].count(bos) == 1 and feat["input_ids"][0] == bos
+    prompt, response = _masked_split(tok, feat)
+    assert prompt.startswith("<|im_start|>### Instruction:") and response == "yo<|endoftext|>"
