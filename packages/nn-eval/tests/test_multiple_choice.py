@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nn_core.errors import NNError
+from nn_eval.multiple_choice import (
+    _encode_pair,
+    decide,
+    load_mc,
+    loglikelihoods,
+    mc_items,
+    score_multiple_choice,
+)
+
+PAIRS = [
+    ("Question: what grows on trees?\nAnswer:", " apple"),
+    ("Question: what grows on trees?\nAnswer:", " apple pie"),
+    ("Question: what grows on trees?\nAnswer:", " stone"),
+    ("The sky is ", "blue"),   # trailing space moves into the continuation
+    ("", " hello"),            # empty context: EOS prefix
+]
+
+
+def brute(model, tok, context, continuation):
+    ctx, cont = _encode_pair(tok, context, continuation)
+    full = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=full).logits[0].double(), -1)
+    return sum(float(lp[len(ctx) - 1 + t, c]) for t, c in enumerate(cont))
+
+
+def test_encode_pair_follows_the_harness(tiny):
+    _, tok = tiny("llama")
+    ctx, cont = _encode_pair(tok, "The sky is ", "blue")
+    assert tok.decode(ctx) == "The sky is" and tok.decode(cont) == " blue"
+    ctx, _ = _encode_pair(tok, "", " hello")
+    assert ctx == [tok.eos_token_id]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_loglikelihoods_match_one_forward_per_pair(tiny, batch_size):
+    model, tok = tiny("llama")
+    got = loglikelihoods(model, tok, [PAIRS[:3], PAIRS[3:]], batch_size=batch_size)
+    for (ll, greedy), (context, cont) in zip(got, PAIRS, strict=True):
+        assert ll == pytest.approx(brute(model, tok, context, cont), abs=1e-4)
+        assert isinstance(greedy, bool)
+
+
+def test_single_token_choices_share_one_row(tiny):
+    model, tok = tiny("gpt2")
+    recs = [{"question": f"q{i}?", "A": "x", "B": "y", "C": "z", "D": "w", "answer": "B"}
+            for i in range(3)]
+    items = mc_items(recs)
+    rows = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]),
+                                             with_kwargs=True)
+    try:
+        res = score_multiple_choice(model, tok, items, batch_size=16)
+    finally:
+        handle.remove()
+    assert sum(rows) == 3  # one forward row per question for 4 choices
+    for it, r in zip(items, res["items"], strict=True):
+        ref = [brute(model, tok, it.context, " " + c) for c in it.choices]
+        assert r["lls"] == pytest.approx(ref, abs=1e-4)
+
+
+def test_acc_and_acc_norm_definitions():
+    # acc: argmax of the summed log-likelihood; acc_norm: argmax of ll / len(choice in chars).
+    d = decide([-10.0, -12.0], ["ab", "abcdefgh"], gold=1)
+    assert (d["pred"], d["pred_norm"], d["acc"], d["acc_norm"]) == (0, 1, 0.0, 1.0)
+    d = decide([-3.0, -2.0, -9.0], ["one", "two", "three"], gold=1)
+    assert (d["acc"], d["acc_norm"]) == (1.0, 1.0)
+
+
+def test_scores_follow_the_model(tiny):
+    model, tok = tiny("llama")
+    items = mc_items([{"question": "which word?", "choices": ["apple", "stone", "river bank"], "answer": 0}])
+    lls = score_multiple_choice(model, tok, items)["items"][0]["lls"]
+    best = max(range(3), key=lambda i: lls[i])
+    best_norm = max(range(3), key=lambda i: lls[i] / len(items[0].choices[i]))
+    gold = mc_items([{"question": "which word?", "choices": ["apple", "stone", "river bank"],
+                      "answer": best}])
+    res = score_multiple_choice(model, tok, gold)
+    assert res["acc"] == 1.0 and res["n"] == 1
+    assert res["acc_norm"] == float(best_norm == best)
+
+
+def test_record_layouts(tmp_path):
+    plain = mc_items([{"question": "2+2?", "choices": ["3", "4"], "answer": 1}])[0]
+    assert plain.context == "Question: 2+2?\nAnswer:" and plain.choices == ("3", "4") and plain.gold == 1
+    mmlu = mc_items([{"question": "2+2? ", "A": "3", "B": "4", "C": "5", "D": "6", "answer": "b",
+                      "subject": "high_school_math"}])[0]
+    assert mmlu.context == ("The following are multiple choice questions (with answers) about "
+                            "high school math.\n\n2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:")
+    assert mmlu.choices == ("A", "B", "C", "D") and mmlu.gold == 1
+    as_text = mc_items([{"question": "q", "choices": ["red", "blue"], "answer": "blue"}], style="mmlu")[0]
+    assert as_text.gold == 1 and as_text.choices == ("A", "B")
+    (tmp_path / "mmlu.csv").write_text("question,A,B,C,D,answer\nq1,a,b,c,d,C\nq2,a,b,c,d,0\n")
+    items = load_mc(tmp_path / "mmlu.csv")
+    assert [it.gold for it in items] == [2, 0]
+    (tmp_path / "mc.jsonl").write_text("\n".join(json.dumps(
+        {"question": f"q{i}", "choices": ["x", "y", "z"], "answer": i % 3}) for i in range(5)))
+    assert [it.gold for it in load_mc(tmp_path / "mc.jsonl", limit=4)] == [0, 1, 2, 0]
+
+
+@pytest.mark.parametrize(
+    ("records", "match"),
+    [
+        ([], "empty"),
+        ([{"prompt": "q", "response": "a"}], "fields prompt, response"),
+        ([{"question": "q", "choices": ["a"], "answer": 0}], "at least 2"),
+        ([{"question": "q", "choices": ["a", "b"], "answer": 2}], "out of range"),
+        ([{"question": "q", "choices": ["a", "b"], "answer": "maybe"}], "not an index"),
+        (["just text"], "must be objects"),
+    ],
+)
+def test_bad_records(records, match):
+    with pytest.raises(NNError, match=match):
+        mc_items(records)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(NNError, match="does not exist"):
+        load_mc(tmp_path / "none.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"question": 1}\n{oops\n')
+    with pytest.raises(NNError, match="line 2"):
+        load_mc(tmp_path / "bad.jsonl")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(NNError, match="unsupported"):
+        load_mc(tmp_path / "x.txt")
