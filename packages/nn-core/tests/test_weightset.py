@@ -13,16 +13,14 @@ from nn_core.models import load_model
 from nn_core.weightset import FORMAT, WeightSet, sample_indices
 
 
-@pytest.fixture(scope="module")
-def llama():
-    model, _ = load_model("tiny-llama", device="cpu")
-    return model
+@pytest.fixture
+def llama(tiny_models):
+    return tiny_models("llama")[0]
 
 
-@pytest.fixture(scope="module")
-def gpt2():
-    model, _ = load_model("tiny-gpt2", device="cpu")
-    return model
+@pytest.fixture
+def gpt2(tiny_models):
+    return tiny_models("gpt2")[0]
 
 
 def _down(model, layer=0):
