@@ -1,0 +1,419 @@
+"""Per-weight sensitivity metrics: a registry of plain functions, one per metric.
+
+Notation: W is a scored weight tensor, N the total number of loss tokens in the
+calibration set (padding and prompt tokens excluded), and the calibration loss is the
+token-weighted mean
+
+    L(W) = (1/N) * sum over calibration batches b of L_b,   L_b = sum of the token NLLs in b
+
+so every token counts once, however the tokens are split into batches. Every metric
+returns, per tensor, a float32 score of W's shape (on W's device), larger = more
+sensitive. Under torch.distributed, sums and counts are all-reduced across ranks, so
+data-parallel ranks that each see a shard of the batches get the single-process scores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from nn_core.errors import NNError
+from nn_sensitivity import dist
+from nn_sensitivity.batching import input_device, prepare, split_rows, summed_nll
+from nn_sensitivity.params import ParamInfo, eligible_params, resolve_params
+
+Batches = Iterable[Mapping[str, torch.Tensor]]
+
+
+@dataclass
+class Scores:
+    """Scores of one metric: ``values[name]`` has the shape of that parameter.
+
+    ``info`` holds counts (tokens, batches), timing and, for ``hutchinson_diag``, a
+    summary of the standard error; ``stderr[name]`` is the per-weight standard error
+    of the Hutchinson estimate and ``signed[name]`` the signed diagonal estimate whose
+    absolute value is the score (both None for the other metrics).
+    """
+
+    metric: str
+    params: list[ParamInfo]
+    values: dict[str, torch.Tensor]
+    info: dict = field(default_factory=dict)
+    stderr: dict[str, torch.Tensor] | None = None
+    signed: dict[str, torch.Tensor] | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.values[name]
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel for p in self.params)
+
+
+# --------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _scoring_mode(model: nn.Module, tensors: Sequence[torch.Tensor], *, grad: bool):
+    """Eval mode (no dropout), grad enabled on the scored tensors only for the duration."""
+    was_training = model.training
+    old = [t.requires_grad for t in tensors]
+    model.eval()
+    try:
+        if grad:
+            for t in tensors:
+                t.requires_grad_(True)
+        with torch.set_grad_enabled(grad):
+            yield
+    finally:
+        for t, r in zip(tensors, old, strict=True):
+            t.requires_grad_(r)
+        model.train(was_training)
+
+
+def _progress(items, desc: str, progress: bool | None):
+    from tqdm.auto import tqdm
+
+    if progress is None:
+        import sys
+
+        disable = not sys.stderr.isatty()
+    else:
+        disable = not progress
+    total = len(items) if hasattr(items, "__len__") else None
+    return tqdm(items, desc=desc, total=total, disable=disable, leave=False)
+
+
+def _zeros(tensors: Sequence[torch.Tensor], dtype=torch.float32) -> list[torch.Tensor]:
+    return [torch.zeros(t.shape, dtype=dtype, device=t.device) for t in tensors]
+
+
+def _grads(loss: torch.Tensor, tensors: Sequence[torch.Tensor], **kw) -> list[torch.Tensor]:
+    gs = torch.autograd.grad(loss, list(tensors), allow_unused=True, **kw)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, tensors, strict=True)]
+
+
+def _no_tokens() -> NNError:
+    return NNError("the calibration data has no loss tokens (empty, fully padded or all "
+                   "prompt): pass more or longer calibration text")
+
+
+# --------------------------------------------------------------------------- metrics
+def magnitude(model, infos, tensors, batches, *, progress=None):
+    """``magnitude``: s = |W|. Needs no data."""
+    return {i.name: t.detach().abs().float() for i, t in zip(infos, tensors, strict=True)}, {}
+
+
+def grad_x_weight(model, infos, tensors, batches, *, progress=None):
+    """``grad_x_weight``: s = |g ⊙ W| with g = ∂L/∂W the gradient of the token-weighted
+    mean calibration loss L = (1/N) Σ_b L_b (a first-order Taylor estimate of the loss
+    change when the weight is removed)."""
+    acc = _zeros(tensors)
+    n_tok, n_batches = 0, 0
+    with _scoring_mode(model, tensors, grad=True):
+        for batch in _progress(batches, "grad_x_weight", progress):
+            loss, n = summed_nll(model, batch)
+            if n == 0:
+                continue
+            for a, g in zip(acc, _grads(loss, tensors), strict=True):
+                a.add_(g.float())
+            n_tok += n
+            n_batches += 1
+    dist.all_reduce_(acc)
+    n_tok = dist.all_reduce_count(n_tok)
+    if n_tok == 0:
+        raise _no_tokens()
+    values = {i.name: (a / n_tok * t.detach().float()).abs()
+              for i, a, t in zip(infos, acc, tensors, strict=True)}
+    return values, {"n_tokens": int(n_tok), "n_batches": int(dist.all_reduce_count(n_batches))}
+
+
+def grad_squared(model, infos, tensors, batches, *, per_sample: bool = False, progress=None):
+    """``grad_squared``: the empirical Fisher diagonal F = (1/B) Σ_b g_b ⊙ g_b, where
+    g_b = ∂(L_b / n_b)/∂W is the gradient of batch b's token-mean loss (``per_sample``:
+    of each sequence's token-mean loss, B then counts sequences). It is the mean of
+    squared gradients, not the square of the summed gradient (which cancels signs)."""
+    acc = _zeros(tensors)
+    count = 0
+    n_tok = 0
+    with _scoring_mode(model, tensors, grad=True):
+        for batch in _progress(batches, "grad_squared", progress):
+            units = split_rows(batch) if per_sample else [batch]
+            for unit in units:
+                loss, n = summed_nll(model, unit)
+                if n == 0:
+                    continue
+                for a, g in zip(acc, _grads(loss, tensors), strict=True):
+                    g = g.float() / n
+                    a.addcmul_(g, g)
+                count += 1
+                n_tok += n
+    dist.all_reduce_(acc)
+    count = dist.all_reduce_count(count)
+    n_tok = dist.all_reduce_count(n_tok)
+    if count == 0:
+        raise _no_tokens()
+    values = {i.name: a / count for i, a in zip(infos, acc, strict=True)}
+    unit = "sequences" if per_sample else "batches"
+    return values, {"n_tokens": int(n_tok), f"n_{unit}": int(count), "per_sample": per_sample}
+
+
+def _math_sdpa():
+    """Double backward needs the reference attention kernel (fused kernels are
+    differentiable once only)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - old torch
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def hutchinson_diag(model, infos, tensors, batches, *, probes: int = 8, seed: int = 0,
+                    stderr: bool = True, progress=None):
+    """``hutchinson_diag``: the Hessian diagonal of L, diag(H) ≈ (1/N) Σ_b mean_k z_bk ⊙ (H_b z_bk)
+    with Rademacher probes z (±1, E[z zᵀ] = I, so E[z ⊙ Hz] = diag(H)) and H_b the Hessian
+    of the summed batch loss L_b. One Hessian-vector product per probe over all scored
+    tensors at once (double backward through the retained gradient graph). The score is
+    |diag(H)|; the per-weight standard error over probes is
+    se = sqrt(Σ_b Var_k(z ⊙ H_b z) / probes) / N (needs probes >= 2)."""
+    if probes < 1:
+        raise NNError(f"hutchinson_diag needs at least 1 probe, got {probes}: pass --probes 8")
+    est = _zeros(tensors)
+    var = _zeros(tensors) if stderr and probes > 1 else None
+    gens: dict[torch.device, torch.Generator] = {}
+
+    def rademacher(t: torch.Tensor) -> torch.Tensor:
+        gen = gens.get(t.device)
+        if gen is None:
+            gen = gens[t.device] = torch.Generator(device=t.device)
+            gen.manual_seed(seed + 7919 * dist.rank())
+        z = torch.randint(0, 2, t.shape, generator=gen, device=t.device, dtype=torch.int8)
+        return z.to(t.dtype).mul_(2).sub_(1)
+
+    n_tok, n_batches = 0, 0
+    with _scoring_mode(model, tensors, grad=True), _math_sdpa():
+        for batch in _progress(batches, "hutchinson_diag", progress):
+            loss, n = summed_nll(model, batch)
+            if n == 0:
+                continue
+            grads = _grads(loss, tensors, create_graph=True)
+            live = [i for i, g in enumerate(grads) if g.requires_grad]
+            s1 = _zeros(tensors) if var is not None else None
+            s2 = _zeros(tensors) if var is not None else None
+            for k in range(probes):
+                zs = [rademacher(tensors[i]) for i in live]
+                hz = torch.autograd.grad([grads[i] for i in live], [tensors[i] for i in live],
+                                         grad_outputs=zs, retain_graph=k < probes - 1,
+                                         allow_unused=True)
+                for i, z, h in zip(live, zs, hz, strict=True):
+                    if h is None:
+                        continue
+                    s = (z * h).float()
+                    est[i].add_(s, alpha=1.0 / probes)
+                    if var is not None:
+                        s1[i].add_(s)
+                        s2[i].addcmul_(s, s)
+            del grads
+            if var is not None:
+                for v, a, b in zip(var, s1, s2, strict=True):
+                    # unbiased per-batch variance over probes, divided by probes (mean's variance)
+                    v.add_((b - a * a / probes) / (probes - 1) / probes)
+            n_tok += n
+            n_batches += 1
+    dist.all_reduce_(est + (var or []))
+    n_tok = dist.all_reduce_count(n_tok)
+    if n_tok == 0:
+        raise _no_tokens()
+    diag = {i.name: e / n_tok for i, e in zip(infos, est, strict=True)}
+    values = {k: v.abs() for k, v in diag.items()}
+    info = {"n_tokens": int(n_tok), "n_batches": int(dist.all_reduce_count(n_batches)),
+            "probes": probes, "seed": seed}
+    se = None
+    if var is not None:
+        se = {i.name: v.clamp_min(0).sqrt() / n_tok for i, v in zip(infos, var, strict=True)}
+        tot_se = sum(float(s.double().pow(2).sum()) for s in se.values())
+        tot_d = sum(float(d.double().pow(2).sum()) for d in diag.values())
+        info["stderr_rms"] = math.sqrt(tot_se / max(1, sum(i.numel for i in infos)))
+        info["relative_stderr"] = math.sqrt(tot_se / tot_d) if tot_d > 0 else float("inf")
+    return values, info, se, diag
+
+
+def _input_stats(model, infos, batches, what: str, progress) -> tuple[dict, int]:
+    """Per input feature of each scored tensor's module, over non-padding tokens:
+    ``abs_sum`` = Σ_t |x_t| or ``sq_sum`` = Σ_t x_t², plus the token count. An embedding's
+    input is a one-hot token vector, so its feature statistic is the token's count."""
+    from nn_sensitivity.params import _kind
+
+    modules = dict(model.named_modules())
+    wanted = {}
+    for i in infos:
+        if i.kind == "other":
+            raise NNError(f"{i.name} belongs to a {type(modules[i.module]).__name__}, whose input "
+                          "features are unknown: exclude it (--modules) or use a gradient metric")
+        wanted[i.module] = modules[i.module]
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {m: 0 for m in wanted}
+    state: dict = {"keep": None, "ids": None}
+
+    def hook_for(name: str, mod: nn.Module):
+        kind = _kind(mod)
+
+        def pre(module, args):
+            keep = state["keep"]
+            if kind == "embedding":
+                ids = state["ids"][keep.to(state["ids"].device)]
+                c = torch.bincount(ids.reshape(-1), minlength=mod.num_embeddings).double()
+                part, n = c.to(mod.weight.device), ids.numel()
+            else:
+                x = args[0].detach()
+                flat = x.reshape(-1, x.shape[-1])[keep.to(x.device)].double()
+                part = flat.abs().sum(0) if what == "abs_sum" else (flat * flat).sum(0)
+                n = flat.shape[0]
+            sums[name] = part if name not in sums else sums[name] + part
+            counts[name] += n
+
+        return pre
+
+    handles = []
+    with _scoring_mode(model, [], grad=False):
+        try:
+            for name, mod in wanted.items():
+                handles.append(mod.register_forward_pre_hook(hook_for(name, mod)))
+            dev = input_device(model)
+            for batch in _progress(batches, what.replace("_sum", "") + " stats", progress):
+                b = prepare(batch, dev)
+                state["keep"] = b["attention_mask"].reshape(-1).bool()
+                state["ids"] = b["input_ids"].reshape(-1)
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        finally:
+            for h in handles:
+                h.remove()
+    for name, mod in wanted.items():
+        if name not in sums:
+            width = mod.num_embeddings if _kind(mod) == "embedding" else _in_features(mod)
+            sums[name] = torch.zeros(width, dtype=torch.float64, device=mod.weight.device)
+    names = list(wanted)
+    stacked = [sums[m] for m in names]
+    dist.all_reduce_(stacked)
+    total = {m: int(dist.all_reduce_count(counts[m])) for m in names}
+    if all(v == 0 for v in total.values()):
+        raise _no_tokens()
+    return dict(zip(names, stacked, strict=True)), total
+
+
+def _in_features(mod: nn.Module) -> int:
+    if type(mod).__name__ == "Conv1D":
+        return int(mod.weight.shape[0])
+    return int(mod.in_features)
+
+
+def _along_input(info: ParamInfo, w: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+    """|W| scaled by a per-input-feature vector laid along W's input dimension
+    (dim 1 for Linear (out, in); dim 0 for GPT-2 Conv1D (in, out) and embeddings)."""
+    shape = [1] * w.ndim
+    shape[info.input_dim] = -1
+    return w.detach().abs().float() * feat.to(device=w.device, dtype=torch.float32).reshape(shape)
+
+
+def act_mag(model, infos, tensors, batches, *, progress=None):
+    """``act_mag``: s_ij = |W_ij| · E_t[|x_t,j|], j the weight's input feature and the mean
+    over the non-padding calibration tokens t that enter W's module."""
+    sums, counts = _input_stats(model, infos, batches, "abs_sum", progress)
+    values = {i.name: _along_input(i, t, sums[i.module] / max(1, counts[i.module]))
+              for i, t in zip(infos, tensors, strict=True)}
+    return values, {"n_tokens": max(counts.values())}
+
+
+def wanda(model, infos, tensors, batches, *, progress=None):
+    """``wanda``: s_ij = |W_ij| · ||X_j||_2 = |W_ij| · sqrt(Σ_t x_t,j²), the L2 norm of input
+    feature j over the non-padding calibration tokens (Sun et al., 2023)."""
+    sums, counts = _input_stats(model, infos, batches, "sq_sum", progress)
+    values = {i.name: _along_input(i, t, sums[i.module].sqrt())
+              for i, t in zip(infos, tensors, strict=True)}
+    return values, {"n_tokens": max(counts.values())}
+
+
+METRICS: dict[str, Callable] = {
+    "grad_x_weight": grad_x_weight,
+    "grad_squared": grad_squared,
+    "hutchinson_diag": hutchinson_diag,
+    "magnitude": magnitude,
+    "act_mag": act_mag,
+    "wanda": wanda,
+}
+DATA_FREE = frozenset({"magnitude"})
+
+
+def check_metric(name: str) -> Callable:
+    if name not in METRICS:
+        raise NNError(f"unknown metric '{name}': use one of {', '.join(METRICS)}")
+    return METRICS[name]
+
+
+def _model_meta(model: nn.Module) -> dict:
+    """What a selection records about the model it was scored on."""
+    from nn_core.adapters import get_adapter
+    from nn_core.sites import model_signature
+
+    sig = model_signature(model)
+    return {"model_id": sig["model_id"], "model_type": sig["model_type"],
+            "num_layers": sig["num_layers"], "layers_path": get_adapter(model).layers_path}
+
+
+def score(
+    model: nn.Module,
+    batches: Batches | None = None,
+    metric: str = "grad_x_weight",
+    *,
+    params: Sequence[ParamInfo] | None = None,
+    include_embeddings: bool = False,
+    include_lm_head: bool = False,
+    layers=None,
+    modules=None,
+    progress: bool | None = None,
+    **options,
+) -> Scores:
+    """Score every eligible weight of ``model`` with ``metric`` over calibration ``batches``.
+
+    ``batches``: dicts with ``input_ids`` and optional ``attention_mask``/``labels``
+    (-100 = no loss). ``params`` (from :func:`eligible_params`) overrides the selection
+    flags. ``options`` go to the metric: ``per_sample`` (grad_squared), ``probes``,
+    ``seed``, ``stderr`` (hutchinson_diag); an option the metric does not take is an error.
+
+    >>> s = score(model, batches, "grad_x_weight", modules="mlp")
+    """
+    fn = check_metric(metric)
+    accepted = set(inspect.signature(fn).parameters) - {"model", "infos", "tensors", "batches",
+                                                        "progress"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise NNError(f"metric '{metric}' takes no option '{unknown[0]}': its options are "
+                      f"{', '.join(sorted(accepted)) or 'none'}")
+    infos = list(params) if params is not None else eligible_params(
+        model, include_embeddings=include_embeddings, include_lm_head=include_lm_head,
+        layers=layers, modules=modules)
+    tensors = resolve_params(model, infos)
+    if metric not in DATA_FREE:
+        if batches is None:
+            raise NNError(f"metric '{metric}' needs calibration batches: pass data")
+        if not isinstance(batches, list):
+            batches = list(batches)
+        if not batches:
+            raise _no_tokens()
+    start = time.perf_counter()
+    out = fn(model, infos, tensors, batches, progress=progress, **options)
+    values, info = out[0], dict(out[1])
+    se = out[2] if len(out) > 2 else None
+    signed = out[3] if len(out) > 3 else None
+    for name, v in values.items():
+        if not torch.isfinite(v).all():
+            raise NNError(f"non-finite {metric} scores in {name}: load the model in float32 "
+                          "(--dtype float32) or check the calibration data")
+    info["seconds"] = time.perf_counter() - start
+    info["model"] = _model_meta(model)
+    return Scores(metric, infos, values, info, se, signed)
