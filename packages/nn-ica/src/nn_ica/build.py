@@ -1,0 +1,314 @@
+"""Template building: capture a (tokens x neurons) matrix, decompose it, threshold the maps.
+
+Capture keeps memory bounded by deciding *before* the forward passes which tokens to
+keep: of all T non-padding tokens of the N sampled texts, ``max_tokens`` positions are
+drawn uniformly without replacement (seeded), and the matrix ``X`` (kept tokens, layers x
+width) is allocated once. Every forward hook writes only its kept rows into its column
+block, so memory is ``max_tokens * n_layers * width * 4`` bytes however long the texts
+are; the figure is reported in the metadata.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from nn_core.errors import NNError
+from nn_ica.decompose import decompose, select_channels, standardise_
+from nn_ica.templates import Component, Templates
+
+CAPTURE_SITES = ("mlp_act", "mlp_out")
+
+
+@dataclass
+class BuildConfig:
+    """Settings of :func:`build_templates`; the defaults are the CLI defaults.
+
+    The defaults finish ``nn-ica build smollm2-135m pydoc`` in a few minutes on 2 CPU
+    cores (see benchmarks/); raise ``samples``, ``max_tokens`` and ``components`` for
+    better-resolved networks.
+    """
+
+    site: str = "mlp_act"
+    layers: Sequence[int] | None = None  # None: all layers
+    samples: int = 64  # texts drawn from the data
+    max_length: int = 128  # tokens per text (truncated)
+    max_tokens: int = 4096  # rows of X, drawn from all non-padding tokens
+    batch_size: int = 8
+    pca_components: int = 100
+    components: int = 20
+    percentile: float = 98.0
+    backend: str = "torch"
+    seed: int = 0
+    max_iter: int = 1000
+    tol: float = 1e-4
+    heldout_fraction: float = 0.1  # documents kept out of building (nn-ica eval scores them)
+
+    def check(self) -> BuildConfig:
+        if self.site not in CAPTURE_SITES:
+            raise NNError(f"ICA templates are built at {' or '.join(CAPTURE_SITES)}, not '{self.site}'")
+        for name in ("samples", "max_length", "max_tokens", "batch_size", "pca_components",
+                     "components", "max_iter"):
+            if int(getattr(self, name)) < 1:
+                raise NNError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.pca_components < self.components:
+            raise NNError(f"--pca-components ({self.pca_components}) must be at least "
+                          f"--components ({self.components})")
+        if self.max_tokens <= self.pca_components:
+            raise NNError(f"--max-tokens ({self.max_tokens}) must exceed --pca-components "
+                          f"({self.pca_components}): PCA needs more tokens than dimensions")
+        return self
+
+
+@dataclass
+class ActivationMatrix:
+    """Captured activations: ``x`` (n_tokens, len(layers) * width), columns layer-major."""
+
+    x: torch.Tensor
+    site: str
+    layers: list[int]
+    width: int
+    n_samples: int
+    n_tokens_seen: int
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self.x.element_size() * self.x.numel()
+
+    def column(self, col: int) -> tuple[int, int]:
+        """(layer, channel) of column ``col``."""
+        block, channel = divmod(int(col), self.width)
+        return self.layers[block], channel
+
+
+def _layer_list(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
+    from nn_core.adapters import get_adapter
+
+    ad = get_adapter(model)
+    if layers is None:
+        return list(range(ad.num_layers))
+    out = sorted({ad.check_layer(int(i)) for i in layers})
+    if not out:
+        raise NNError("no layers selected: pass --layers all, a range such as 0-9, or a list 0,4,8")
+    return out
+
+
+@torch.no_grad()
+def capture_matrix(
+    model: nn.Module,
+    token_ids: Sequence[Sequence[int]],
+    *,
+    site: str = "mlp_act",
+    layers: Sequence[int] | None = None,
+    max_tokens: int = 4096,
+    batch_size: int = 8,
+    seed: int = 0,
+    pad_id: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+) -> ActivationMatrix:
+    """Run ``model`` over ``token_ids`` and keep the activations of ``max_tokens`` tokens.
+
+    Padding is never kept (kept positions are drawn from real tokens only). Non-finite
+    activations raise :class:`NNError` naming the layer. ``device`` is where ``X`` lives
+    (default: the model's device).
+    """
+    from tqdm.auto import tqdm
+
+    from nn_core.adapters import get_adapter
+    from nn_core.hooks import hooked
+
+    if site not in CAPTURE_SITES:
+        raise NNError(f"ICA templates are built at {' or '.join(CAPTURE_SITES)}, not '{site}'")
+    ad = get_adapter(model)
+    layer_list = _layer_list(model, layers)
+    width = ad.width(site)
+    seqs = [list(s) for s in token_ids if len(s) > 0]
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        raise NNError("no tokens to capture: the data is empty")
+    keep_n = min(max_tokens, total)
+    rng = np.random.default_rng(seed)
+    flat_keep = np.sort(rng.choice(total, size=keep_n, replace=False))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    seq_of = np.searchsorted(starts, flat_keep, side="right") - 1
+    pos_of = flat_keep - starts[seq_of]
+
+    model_dev = next(model.parameters()).device
+    x_dev = torch.device(device) if device is not None else model_dev
+    try:
+        x = torch.empty((keep_n, len(layer_list) * width), dtype=torch.float32, device=x_dev)
+    except RuntimeError as exc:  # out of memory
+        raise NNError(f"cannot allocate the {keep_n} x {len(layer_list) * width} activation matrix "
+                      f"({keep_n * len(layer_list) * width * 4 / 2**30:.1f} GiB): lower --max-tokens "
+                      f"or select fewer --layers ({str(exc).splitlines()[0][:80]})") from None
+    state: dict = {}
+
+    def writer(block: int, layer: int) -> Callable[[torch.Tensor], None]:
+        cols = slice(block * width, (block + 1) * width)
+
+        def fn(act: torch.Tensor) -> None:
+            flat = act.detach().reshape(-1, act.shape[-1])[state["src"]]
+            if not torch.isfinite(flat).all():
+                raise NNError(f"non-finite activations at layer {layer} ({site}) in batch {state['batch']}: "
+                              "load the model in float32 (--dtype float32) or check the inputs")
+            x[state["dst"], cols] = flat.to(device=x_dev, dtype=torch.float32)
+            return None
+        return fn
+
+    order = np.argsort(-lengths, kind="stable")  # similar lengths together: less padding
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    row_of = {}
+    for row, (s, p) in enumerate(zip(seq_of.tolist(), pos_of.tolist(), strict=True)):
+        row_of.setdefault(s, []).append((p, row))
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        with hooked(model, {(layer, site): writer(b, layer) for b, layer in enumerate(layer_list)}):
+            for bi, idx in enumerate(tqdm(batches, desc="capture", disable=_quiet(progress), leave=False)):
+                wanted = [(j, p, row) for j, s in enumerate(idx.tolist()) for p, row in row_of.get(s, [])]
+                if not wanted:
+                    continue  # no kept token in this batch: skip its forward pass
+                tmax = int(lengths[idx].max())
+                ids = torch.full((len(idx), tmax), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(idx), tmax), dtype=torch.long)
+                for j, s in enumerate(idx.tolist()):
+                    ids[j, : lengths[s]] = torch.tensor(seqs[s], dtype=torch.long)
+                    mask[j, : lengths[s]] = 1
+                src = torch.tensor([j * tmax + p for j, p, _ in wanted], device=model_dev)
+                state.update(src=src, dst=torch.tensor([r for _, _, r in wanted], device=x_dev), batch=bi)
+                model(input_ids=ids.to(model_dev), attention_mask=mask.to(model_dev))
+    finally:
+        model.train(was_training)
+    return ActivationMatrix(x, site, layer_list, width, len(seqs), total,
+                            {"capture_s": time.perf_counter() - t0})
+
+
+def _quiet(progress: bool | None) -> bool:
+    if progress is None:
+        import sys
+
+        return not sys.stderr.isatty()
+    return not progress
+
+
+def sample_texts(specs: Sequence[str], samples: int, *, seed: int, heldout_fraction: float
+                 ) -> tuple[list[str], dict]:
+    """Load every dataset, hold out ``heldout_fraction`` of each (split seed 0, the split
+    ``nn-ica eval`` scores), and draw ``samples`` texts from the rest (seeded)."""
+    from nn_core.data import load_texts, sample, split_texts
+
+    if not specs:
+        raise NNError("no data given: pass one or more datasets, e.g. pydoc or texts.jsonl")
+    pool: list[str] = []
+    for spec in specs:
+        texts = load_texts(spec)
+        if heldout_fraction > 0 and len(set(texts)) > 1:
+            texts, _ = split_texts(texts, heldout_fraction, seed=0)
+        pool.extend(texts)
+    n = min(samples, len(pool))
+    return sample(pool, n, seed), {"available": len(pool), "drawn": n}
+
+
+def build_templates(
+    model: nn.Module,
+    tokenizer,
+    datasets: Sequence[str] | None = None,
+    config: BuildConfig | None = None,
+    *,
+    texts: Sequence[str] | None = None,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+) -> Templates:
+    """Capture -> standardise -> PCA -> FastICA -> threshold; see the module docs.
+
+    Give ``datasets`` (specs for :func:`nn_core.data.load_texts`) or ``texts`` directly.
+    ``device`` is where the matrix and the torch backend run (default: the model's).
+    """
+    from nn_core.data import tokenize_texts
+    from nn_core.sites import model_signature
+
+    cfg = (config or BuildConfig()).check()
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if texts is None:
+        texts, drawn = sample_texts(list(datasets or []), cfg.samples, seed=cfg.seed,
+                                    heldout_fraction=cfg.heldout_fraction)
+    else:
+        texts = list(texts)[: cfg.samples]
+        drawn = {"available": len(texts), "drawn": len(texts)}
+    ids = tokenize_texts(tokenizer, texts, max_length=cfg.max_length)
+    timings["data_s"] = time.perf_counter() - t0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    mat = capture_matrix(model, ids, site=cfg.site, layers=cfg.layers, max_tokens=cfg.max_tokens,
+                         batch_size=cfg.batch_size, seed=cfg.seed, pad_id=int(pad or 0),
+                         device=device, progress=progress)
+    timings.update(mat.timings)
+    if mat.n_tokens <= cfg.components or mat.n_tokens < cfg.pca_components:
+        raise NNError(f"only {mat.n_tokens} tokens captured, fewer than --components {cfg.components} / "
+                      f"--pca-components {cfg.pca_components}: use more samples, longer --max-length or "
+                      "fewer components")
+    t0 = time.perf_counter()
+    stats = standardise_(mat.x)
+    timings["standardise_s"] = time.perf_counter() - t0
+    dec = decompose(mat.x, n_components=cfg.components, pca_components=cfg.pca_components,
+                    backend=cfg.backend, seed=cfg.seed, max_iter=cfg.max_iter, tol=cfg.tol)
+    timings.update(dec.timings)
+    t0 = time.perf_counter()
+    picked, thresholds = select_channels(dec.maps, cfg.percentile)
+    components = []
+    for j, cols in enumerate(picked):
+        neurons: dict[int, list[int]] = {}
+        for col in cols.tolist():
+            layer, channel = mat.column(col)
+            neurons.setdefault(layer, []).append(channel)
+        components.append(Component(
+            j, {k: np.asarray(v, dtype=np.int64) for k, v in neurons.items()},
+            variance=float(dec.components_variance[j]), threshold=float(thresholds[j]),
+        ))
+    timings["threshold_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    sig = model_signature(model)
+    meta = {
+        **sig,
+        "site": cfg.site,
+        "layers": mat.layers,
+        "width": mat.width,
+        "datasets": list(datasets or ["<texts>"]),
+        "n_samples": mat.n_samples,
+        "texts": drawn,
+        "max_length": cfg.max_length,
+        "n_tokens_seen": mat.n_tokens_seen,
+        "n_tokens": mat.n_tokens,
+        "max_tokens": cfg.max_tokens,
+        "matrix": {"shape": list(mat.x.shape), "bytes": mat.nbytes, "dtype": "float32",
+                   "zero_variance_columns": stats.n_zero_variance},
+        "pca": {"components": cfg.pca_components, "solver": "randomized",
+                "explained_variance_ratio": [round(float(v), 6) for v in dec.explained_variance_ratio],
+                "explained_variance_total": float(dec.explained_variance_ratio.sum())},
+        "ica": dec.ica_metadata(),
+        "percentile": cfg.percentile,
+        "sign_rule": "positive skewness of each spatial map (tie: largest |loading| positive)",
+        "order": "by variance explained, largest first",
+        "backend": cfg.backend,
+        "seed": cfg.seed,
+        "heldout_fraction": cfg.heldout_fraction,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    return Templates(meta, components)

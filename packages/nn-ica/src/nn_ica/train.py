@@ -1,0 +1,138 @@
+"""Masked fine-tuning: train with ICA networks lesioned or preserved.
+
+The chosen components' union S is masked in the forward pass for the whole run
+(:func:`nn_core.masks.mask_neurons`, modes as in :mod:`nn_ica.evaluate`). The mask is
+attached to the down-projection *after* PEFT wraps the model, so it sits on the LoRA
+layer itself and gates the input (``mlp_act``) or output (``mlp_out``) of the frozen
+weight and of the LoRA path alike. A masked channel therefore contributes nothing to the
+loss and its weights get exactly zero gradient: the down-projection slice it owns, its
+LoRA ``A`` column (``mlp_act``) or ``B`` row (``mlp_out``), and, through it, nothing
+reaches the gate/up projections.
+
+Zero gradient alone does not keep a masked channel's weights fixed:
+
+* full fine-tuning: AdamW's decoupled weight decay still shrinks them;
+* LoRA: the merged update is ``ΔW = (α/r) B A``; ``A`` starts random, so once ``B``
+  trains, the column ``ΔW[:, j] = (α/r) B A[:, j]`` of a masked channel j is non-zero
+  although ``A[:, j]`` never received a gradient.
+
+That matters whenever the model is later used *without* the mask (the point of
+protecting a network from forgetting). ``freeze_masked=True`` makes it exact: the weight
+slices owned by masked channels (lesion: S; preserve: everything outside S) stay
+bit-identical. Full fine-tuning of the down-projection uses a row/column
+:class:`~nn_core.masks.WeightMask` (zero gradient + write-back after every optimizer
+step); LoRA zeroes ``A[:, j]`` (``B[c, :]`` for ``mlp_out``) of masked channels before
+training and keeps them zero the same way, so ``ΔW`` is exactly zero on those slices and
+the merged weight equals the original there. A channel j of ``mlp_act`` owns column j of
+an ``nn.Linear`` down-projection weight (row j of GPT-2's Conv1D); a channel c of
+``mlp_out`` owns output row c.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from nn_core.errors import NNError
+from nn_core.masks import WeightMask, check_mode, mask_neurons
+from nn_core.neuronset import NeuronSet
+from nn_ica.templates import Templates
+
+
+def lora_channel_mask(peft_model: nn.Module, neurons: NeuronSet, mode: str) -> WeightMask:
+    """A WeightMask over the down-projections' LoRA matrices that freezes (and zeroes)
+    the slices of masked channels: ``A[:, j]`` for ``mlp_act`` channel j, ``B[c, :]``
+    for ``mlp_out`` channel c. Masked means "in S" for lesion, "not in S" for preserve."""
+    from nn_core.adapters import get_adapter
+    from nn_core.sft import base_model
+
+    check_mode(mode)
+    base = base_model(peft_model)
+    ad = get_adapter(base)
+    names = {id(p): n for n, p in base.named_parameters()}
+    trainable: dict[str, torch.Tensor] = {}
+    for layer in range(ad.num_layers):
+        mod = ad.down_proj(layer)
+        if not hasattr(mod, "lora_A") or not len(mod.lora_A):
+            raise NNError(f"the down-projection of layer {layer} ({ad.down_proj_path(layer)}) has no LoRA "
+                          "adapter: keep the down-projection among the LoRA targets")
+        for site, group, dim in (("mlp_act", mod.lora_A, 1), ("mlp_out", mod.lora_B, 0)):
+            if site not in neurons.sites:
+                continue
+            sel_idx = neurons.indices(layer, site)
+            for lin in group.values():
+                w = lin.weight
+                passes = torch.zeros(w.shape[dim], dtype=torch.bool)
+                passes[sel_idx] = True
+                if mode == "lesion":
+                    passes = ~passes
+                shape = [1, 1]
+                shape[dim] = -1
+                mask = passes.view(shape).expand(w.shape).clone()
+                with torch.no_grad():
+                    w.mul_(mask.to(device=w.device, dtype=w.dtype))
+                trainable[names[id(w)]] = mask
+    return WeightMask(base, trainable)
+
+
+def masked_finetune(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence,
+    templates: Templates,
+    components: Sequence[int],
+    config,
+    *,
+    mode: str = "lesion",
+    freeze_masked: bool = False,
+    check_id: bool = True,
+    model_spec: str | None = None,
+    callbacks: Sequence = (),
+    resume: bool | str = True,
+):
+    """Fine-tune ``model`` with components ``components`` masked (see the module docs).
+
+    ``config`` is an :class:`nn_core.sft.SFTConfig`; with ``method="full"`` and no
+    ``trainable_modules`` only the down-projections train. Writes the adapter (or model),
+    ``mask.json`` (the NeuronSet, to re-apply the mask at inference) and ``manifest.json``
+    under ``config.output_dir``. Returns the :class:`nn_core.sft.SFTResult`.
+    """
+    from pathlib import Path
+
+    from nn_core.adapters import get_adapter
+    from nn_core.sft import WeightMaskCallback, base_model, build_trainer, prepare_model, train
+
+    check_mode(mode)
+    templates.check(model, check_id=check_id)
+    ids = templates.check_ids(components)
+    ns = templates.neuronset(ids, model=model)
+    if config.method == "full" and not config.trainable_modules:
+        config = replace(config, trainable_modules=[get_adapter(model).down_proj_name])
+    wrapped = prepare_model(model, config)
+    base = base_model(wrapped)
+    cbs = list(callbacks)
+    if freeze_masked:
+        if config.method == "full":
+            from nn_core.masks import down_proj_weight_mask
+
+            cbs.append(WeightMaskCallback(lambda: down_proj_weight_mask(base, ns, mode)))
+        else:
+            cbs.append(WeightMaskCallback(lambda: lora_channel_mask(wrapped, ns, mode)))
+    trainer = build_trainer(wrapped, tokenizer, examples, config, callbacks=cbs, prepare=False)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ns.save(out / "mask.json")
+    handle = mask_neurons(base, ns, mode)  # after wrapping: on the LoRA layer, see module docs
+    handle.attach()
+    try:
+        return train(trainer, config, resume=resume, model_spec=model_spec, manifest_extra={
+            "ica": {"components": ids, "mode": mode, "site": templates.site, "n_neurons": len(ns),
+                    "freeze_masked": freeze_masked,
+                    "templates": {k: templates.metadata.get(k) for k in ("model_id", "backend", "seed",
+                                                                         "percentile", "created_at")}},
+        })
+    finally:
+        handle.remove()
