@@ -272,6 +272,16 @@ def run_cli(fn: Callable[[argparse.Namespace], int | None], args: argparse.Names
     return 0 if code is None else int(code)
 
 
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The innermost (sub)parser the command line selected."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = getattr(args, action.dest, None)
+            if chosen in action.choices:
+                return _chosen_parser(action.choices[chosen], args)
+    return parser
+
+
 def cli_main(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, *,
              env_prefix: str = ENV_PREFIX) -> int:
     """Parse, resolve and dispatch to ``args.func``; every failure becomes an exit code.
@@ -285,9 +295,10 @@ def cli_main(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     func = getattr(args, "func", None)
     if func is None:
-        parser.print_usage(sys.stderr)
+        deepest = _chosen_parser(parser, args)
+        deepest.print_usage(sys.stderr)
         print(error_line(prog, "no command given: pick one of the commands above "
-                               f"(see {prog} --help)"), file=sys.stderr)
+                               f"(see {deepest.prog} --help)"), file=sys.stderr)
         return EXIT_USAGE
 
     def resolved(ns):

@@ -13,6 +13,7 @@ under ``"nn.meta"`` with ``"format": "nn.weightset/1"``. See docs/formats.md.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import math
@@ -198,7 +199,7 @@ class WeightSet:
     # ---------------------------------------------------------------- access
     @property
     def meta(self) -> dict:
-        return json.loads(json.dumps(self._meta))
+        return copy.deepcopy(self._meta)
 
     @property
     def shapes(self) -> dict[str, list[int]]:
