@@ -4,9 +4,10 @@ Three small pieces that compose:
 
 * :class:`SFTConfig`: every knob, as a dataclass (JSON-able, recorded in the manifest).
 * :func:`prepare_model`: LoRA / QLoRA through PEFT, or full fine-tuning of chosen modules.
-  LoRA targets default to the MLP down-projection, by its real leaf name for the
-  architecture (``down_proj``, ``c_proj``, ``dense_4h_to_h``, ``fc2``: from
-  :func:`nn_core.adapters.get_adapter`), plus any ``extra_target_modules``.
+  LoRA targets default to the MLP down-projection, by its real path inside a decoder
+  block for the architecture (``mlp.down_proj``, ``mlp.c_proj``, ``mlp.dense_4h_to_h``,
+  ``fc2``: from :func:`nn_core.adapters.get_adapter`; the bare leaf name would also catch
+  GPT-2's attention ``c_proj``), plus any ``extra_target_modules``.
 * :func:`build_trainer` -> a Hugging Face ``Trainer`` on instruction data (loss on the
   response only: labels are -100 on the prompt, :func:`nn_core.data.tokenize_examples`),
   and :func:`train`, which runs it (resuming from the last checkpoint in ``output_dir``
@@ -54,9 +55,9 @@ class SFTConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    target_modules: Sequence[str] | None = None  # None: the adapter's down-projection name
+    target_modules: Sequence[str] | None = None  # None: the down-projection (mlp.down_proj, ...)
     extra_target_modules: Sequence[str] = ()  # added to the LoRA targets
-    trainable_modules: Sequence[str] | None = None  # method=full: leaf names to train (None: all)
+    trainable_modules: Sequence[str] | None = None  # method=full: module names/suffixes to train (None: all)
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
     num_train_epochs: float = 1.0
@@ -110,23 +111,43 @@ def base_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if is_peft_model(model) else model
 
 
-def _leaf_names(model: nn.Module) -> set[str]:
-    return {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
-            if name and (isinstance(mod, nn.Linear) or type(mod).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt"))}
+def _linear_names(model: nn.Module) -> list[str]:
+    return [name for name, mod in model.named_modules()
+            if name and (isinstance(mod, nn.Linear)
+                         or type(mod).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt"))]
+
+
+def _matches(name: str, suffix: str) -> bool:
+    """PEFT's rule for a target given as a string: the module path equals it or ends in
+    ``.suffix``."""
+    return name == suffix or name.endswith("." + suffix)
+
+
+def _check_targets(model: nn.Module, names: Sequence[str], what: str) -> None:
+    linears = _linear_names(model)
+    missing = [n for n in names if not any(_matches(x, n) for x in linears)]
+    if missing:
+        leaves = sorted({x.rsplit(".", 1)[-1] for x in linears})
+        raise NNError(f"{what} {', '.join(missing)} not found in the model: its linear layers are "
+                      f"named {', '.join(leaves)} (a name matches a module path or its end, e.g. mlp.down_proj)")
+
+
+def down_proj_target(model: nn.Module) -> str:
+    """The down-projection as a PEFT target: its path inside a decoder block (``mlp.down_proj``,
+    ``mlp.c_proj``, ``mlp.dense_4h_to_h``, ``fc2``). The leaf name alone is not enough: GPT-2
+    also has an ``attn.c_proj``."""
+    from nn_core.adapters import get_adapter
+
+    return get_adapter(base_model(model)).down_rel
 
 
 def resolve_target_modules(model: nn.Module, config: SFTConfig) -> list[str]:
-    """LoRA target leaf names: ``config.target_modules`` or the down-projection's real name,
-    plus ``extra_target_modules``. Every name must match a linear layer of the model."""
-    from nn_core.adapters import get_adapter
-
-    names = list(config.target_modules) if config.target_modules else [get_adapter(base_model(model)).down_proj_name]
+    """LoRA targets: ``config.target_modules`` or the down-projection (:func:`down_proj_target`),
+    plus ``extra_target_modules``. Each matches module paths equal to it or ending in
+    ``.name`` (PEFT's rule) and must match at least one linear layer."""
+    names = list(config.target_modules) if config.target_modules else [down_proj_target(model)]
     names += [n for n in config.extra_target_modules if n not in names]
-    leaves = _leaf_names(model)
-    missing = [n for n in names if n not in leaves]
-    if missing:
-        raise NNError(f"LoRA target module(s) {', '.join(missing)} not found in the model: its linear "
-                      f"layers are named {', '.join(sorted(leaves))}")
+    _check_targets(model, names, "LoRA target module(s)")
     return names
 
 
@@ -150,15 +171,11 @@ def prepare_model(model: nn.Module, config: SFTConfig) -> nn.Module:
         raise NNError("the model is already wrapped by PEFT: pass the plain model to prepare_model")
     if config.method == "full":
         if config.trainable_modules:
-            wanted = set(config.trainable_modules)
-            leaves = _leaf_names(model)
-            missing = wanted - leaves - {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-            if missing:
-                raise NNError(f"trainable module(s) {', '.join(sorted(missing))} not found in the model: "
-                              f"its linear layers are named {', '.join(sorted(leaves))}")
+            wanted = list(config.trainable_modules)
+            _check_targets(model, wanted, "trainable module(s)")
             for name, p in model.named_parameters():
-                parts = name.split(".")
-                p.requires_grad_(any(part in wanted for part in parts[:-1]))
+                owner = name.rsplit(".", 1)[0]
+                p.requires_grad_(any(_matches(owner, w) for w in wanted))
         return model
     peft = _peft()
     quantized = _is_quantized(model)

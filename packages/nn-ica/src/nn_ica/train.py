@@ -21,7 +21,7 @@ protecting a network from forgetting). ``freeze_masked=True`` makes it exact: th
 slices owned by masked channels (lesion: S; preserve: everything outside S) stay
 bit-identical. Full fine-tuning of the down-projection uses a row/column
 :class:`~nn_core.masks.WeightMask` (zero gradient + write-back after every optimizer
-step); LoRA zeroes ``A[:, j]`` (``B[c, :]`` for ``mlp_out``) of masked channels before
+step) and freezes the down-projection's bias, which belongs to no channel; LoRA zeroes ``A[:, j]`` (``B[c, :]`` for ``mlp_out``) of masked channels before
 training and keeps them zero the same way, so ``ΔW`` is exactly zero on those slices and
 the merged weight equals the original there. A channel j of ``mlp_act`` owns column j of
 an ``nn.Linear`` down-projection weight (row j of GPT-2's Conv1D); a channel c of
@@ -110,7 +110,7 @@ def masked_finetune(
     ids = templates.check_ids(components)
     ns = templates.neuronset(ids, model=model)
     if config.method == "full" and not config.trainable_modules:
-        config = replace(config, trainable_modules=[get_adapter(model).down_proj_name])
+        config = replace(config, trainable_modules=[get_adapter(model).down_rel])
     wrapped = prepare_model(model, config)
     base = base_model(wrapped)
     cbs = list(callbacks)
@@ -118,6 +118,11 @@ def masked_finetune(
         if config.method == "full":
             from nn_core.masks import down_proj_weight_mask
 
+            # A bias (GPT-2, OPT) belongs to no channel: training it would move every output.
+            for layer in range(get_adapter(base).num_layers):
+                bias = getattr(get_adapter(base).down_proj(layer), "bias", None)
+                if bias is not None:
+                    bias.requires_grad_(False)
             cbs.append(WeightMaskCallback(lambda: down_proj_weight_mask(base, ns, mode)))
         else:
             cbs.append(WeightMaskCallback(lambda: lora_channel_mask(wrapped, ns, mode)))

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nn_core.errors import NNError
+from nn_core.models import load_model
+from nn_ica.build import BuildConfig, build_templates, capture_matrix
+
+TEXTS = [f"Sample text number {i}: the quick brown fox {i * 7} jumps over {i % 5} lazy dogs." for i in range(48)]
+SMALL = dict(samples=48, max_tokens=600, pca_components=12, components=4, heldout_fraction=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny-llama")
+
+
+@pytest.mark.parametrize("site,width", [("mlp_act", 128), ("mlp_out", 64)])
+def test_build_records_metadata_and_valid_components(tiny, site, width):
+    model, tok = tiny
+    t = build_templates(model, tok, texts=TEXTS, config=BuildConfig(site=site, **SMALL))
+    m = t.metadata
+    assert m["site"] == site and m["width"] == width and m["layers"] == [0, 1]
+    assert m["model_id"] == "tiny-llama" and m["num_layers"] == 2
+    assert m["n_tokens"] == 600 and m["n_tokens_seen"] > 600
+    assert m["matrix"]["shape"] == [600, 2 * width] and m["matrix"]["bytes"] == 600 * 2 * width * 4
+    assert len(m["pca"]["explained_variance_ratio"]) == 12
+    assert set(m["ica"]) >= {"converged", "n_iter", "max_iter", "tol"}
+    assert m["backend"] == "torch" and m["seed"] == 0
+    assert t.ids == [0, 1, 2, 3]
+    expected = round(2 * width * 0.02)
+    for c in t.components:
+        assert abs(c.size - expected) <= 1  # 2 % of the columns, ties aside
+        for layer, idx in c.neurons.items():
+            assert layer in (0, 1) and int(idx.max()) < width
+    variances = [c.variance for c in t.components]
+    assert variances == sorted(variances, reverse=True)
+    t.check(model, site=site)
+
+
+def test_layer_range_and_determinism(tiny):
+    model, tok = tiny
+    cfg = BuildConfig(layers=[1], **SMALL)
+    a = build_templates(model, tok, texts=TEXTS, config=cfg)
+    b = build_templates(model, tok, texts=TEXTS, config=cfg)
+    assert a.metadata["layers"] == [1]
+    assert all(set(c.neurons) <= {1} for c in a.components)
+    assert [c.to_dict()["neurons"] for c in a.components] == [c.to_dict()["neurons"] for c in b.components]
+
+
+def test_capture_excludes_padding_and_bounds_memory(tiny):
+    model, _ = tiny
+    seqs = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34]]
+    full = capture_matrix(model, seqs, max_tokens=10_000, batch_size=3, pad_id=257)
+    assert full.n_tokens == 15 and full.n_tokens_seen == 15
+    single = [capture_matrix(model, [s], max_tokens=10_000, batch_size=1).x for s in seqs]
+    torch.testing.assert_close(full.x, torch.cat(single), atol=1e-5, rtol=1e-4)
+    sub = capture_matrix(model, seqs, max_tokens=6, batch_size=3, seed=3)
+    assert sub.x.shape == (6, 256) and sub.nbytes == 6 * 256 * 4
+    # every kept row is one of the real-token rows
+    dist = torch.cdist(sub.x, full.x).min(1).values
+    assert float(dist.max()) < 1e-3
+
+
+def test_fewer_tokens_than_components(tiny):
+    model, tok = tiny
+    cfg = BuildConfig(samples=2, max_length=4, max_tokens=600, pca_components=12, components=4,
+                      heldout_fraction=0.0)
+    with pytest.raises(NNError, match="tokens captured, fewer than"):
+        build_templates(model, tok, texts=TEXTS[:2], config=cfg)
+
+
+def test_non_finite_activations_name_the_layer():
+    model, tok = load_model("tiny-llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NNError, match="non-finite activations at layer 1"):
+        build_templates(model, tok, texts=TEXTS, config=BuildConfig(**SMALL))
+
+
+def test_bad_settings():
+    with pytest.raises(NNError, match="must be at least --components"):
+        BuildConfig(pca_components=5, components=10).check()
+    with pytest.raises(NNError, match="mlp_act or mlp_out"):
+        BuildConfig(site="resid").check()
+    with pytest.raises(NNError, match="must exceed --pca-components"):
+        BuildConfig(max_tokens=50, pca_components=100).check()
