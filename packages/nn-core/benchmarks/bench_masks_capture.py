@@ -87,10 +87,10 @@ def _capture_peak(n_batches: int, batch: int, seq: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--capture-batches", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--capture-batches", type=int, default=2)
     ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
