@@ -417,3 +417,30 @@ def score(
     info["seconds"] = time.perf_counter() - start
     info["model"] = _model_meta(model)
     return Scores(metric, infos, values, info, se, signed)
+
+
+def histograms(scores: Scores, bins: int = 60) -> dict:
+    """Per-group (decoder block) histograms of log10(score) over shared bin edges, built
+    tensor by tensor (no concatenated copy). Zero scores have no logarithm and are
+    counted apart in ``zeros``."""
+    lo, hi = math.inf, -math.inf
+    for v in scores.values.values():
+        pos = v[v > 0]
+        if pos.numel():
+            lo = min(lo, float(pos.min().log10()))
+            hi = max(hi, float(pos.max().log10()))
+    if not math.isfinite(lo):
+        lo, hi = -1.0, 0.0
+    if hi <= lo:
+        hi = lo + 1.0
+    edges = torch.linspace(lo, hi, bins + 1)
+    counts: dict[str, torch.Tensor] = {}
+    zeros: dict[str, int] = {}
+    for info in scores.params:
+        v = scores.values[info.name]
+        pos = v[v > 0].float().log10().cpu()
+        h = torch.histc(pos, bins=bins, min=lo, max=hi)
+        counts[info.group] = counts.get(info.group, torch.zeros(bins)) + h
+        zeros[info.group] = zeros.get(info.group, 0) + int((v == 0).sum())
+    return {"edges": edges.tolist(), "counts": {g: c.long().tolist() for g, c in counts.items()},
+            "zeros": zeros}

@@ -72,7 +72,7 @@ def parse_layers(spec: str | Iterable[int] | None) -> list[int] | None:
     if not isinstance(spec, str):
         return sorted({int(x) for x in spec})
     out: set[int] = set()
-    for part in spec.split(","):
+    for part in spec.strip("[]() ").split(","):
         part = part.strip()
         if not part:
             continue

@@ -1,0 +1,107 @@
+"""PNG figures of a sensitivity study (matplotlib with the Agg backend, imported here so
+that importing nn_sensitivity stays light)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from nn_core.io import atomic_path
+
+_COLORS = {"top_k": "tab:red", "random_k": "tab:blue", "bottom_k": "tab:green"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    return path
+
+
+def delta_ppl_vs_k(rows: Sequence[Mapping], path: Path, *, title: str) -> Path:
+    """ΔPPL against K (log x axis) for top-K and each control."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    try:
+        for kind in ("top_k", "random_k", "bottom_k"):
+            pts = sorted((r["k"], r["delta"]["ppl"]) for r in rows if r["selection"] == kind)
+            if pts:
+                ks, d = zip(*pts, strict=True)
+                ax.plot(ks, d, marker="o", label=kind, color=_COLORS[kind])
+        ax.set_xscale("log")
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("K (weights perturbed)")
+        ax.set_ylabel("Δ perplexity (held-out)")
+        ax.set_title(title, fontsize=10)
+        ax.legend()
+        ax.grid(alpha=0.3, which="both")
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def layer_histograms(hist: Mapping, path: Path, *, title: str) -> Path:
+    """One histogram of log10(score) per group (decoder block), as stacked small panels."""
+    plt = _pyplot()
+    edges = np.asarray(hist["edges"])
+    groups = list(hist["counts"])
+    n = len(groups)
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.2 * rows), squeeze=False,
+                             sharex=True)
+    try:
+        centers = (edges[:-1] + edges[1:]) / 2
+        for ax, group in zip(axes.flat, groups, strict=False):
+            counts = np.asarray(hist["counts"][group])
+            ax.fill_between(centers, counts, step="mid", color="tab:purple", alpha=0.7)
+            ax.set_yscale("log")
+            zeros = hist["zeros"].get(group, 0)
+            ax.set_title(f"{group}" + (f" ({zeros} zero)" if zeros else ""), fontsize=8)
+            ax.tick_params(labelsize=7)
+        for ax in list(axes.flat)[n:]:
+            ax.axis("off")
+        fig.supxlabel("log10(score)")
+        fig.supylabel("weights")
+        fig.suptitle(title, fontsize=10)
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def stability_heatmap(seeds: Sequence[int], matrices: Mapping[int, np.ndarray], path: Path, *,
+                      title: str) -> Path:
+    """Jaccard of top-K sets between seeds, one panel per K."""
+    plt = _pyplot()
+    ks = list(matrices)
+    fig, axes = plt.subplots(1, len(ks), figsize=(3.4 * len(ks) + 0.6, 3.2), squeeze=False)
+    try:
+        im = None
+        for ax, k in zip(axes.flat, ks, strict=True):
+            m = np.asarray(matrices[k])
+            im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
+            ax.set_xticks(range(len(seeds)), [str(s) for s in seeds])
+            ax.set_yticks(range(len(seeds)), [str(s) for s in seeds])
+            ax.set_xlabel("seed")
+            ax.set_title(f"K={k}", fontsize=9)
+            for i in range(m.shape[0]):
+                for j in range(m.shape[1]):
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if m[i, j] < 0.6 else "black")
+        axes.flat[0].set_ylabel("seed")
+        fig.colorbar(im, ax=list(axes.flat), shrink=0.8, label="Jaccard")
+        fig.suptitle(title, fontsize=10)
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,370 @@
+"""The sensitivity study: score, rank, perturb against controls, measure, check stability.
+
+``run_study(StudyConfig(...))`` is what ``nn-sensitivity run`` calls. One run:
+
+1. loads the model and the text, split once into calibration and held-out documents
+   (whole documents, disjoint);
+2. for each seed draws ``calib_blocks`` token blocks from the calibration side and scores
+   every eligible weight on them (the first seed's scores drive the study; the others
+   only measure rank stability);
+3. ranks the top-K for the largest K of the sweep, plus each control of the same size
+   (``random_k``, ``bottom_k``); smaller K are prefixes of the same ranking;
+4. measures the baseline on the held-out blocks once, then ΔPPL, ΔNLL and Δtoken-accuracy
+   with each selection perturbed (restored exactly after each measurement);
+5. writes ``rankings/``, ``perturbation_results.json``, ``stability.json``, ``plots/`` and
+   ``manifest.json``, and returns the summary.
+
+Under torch.distributed every rank scores its share of the calibration blocks (scores are
+all-reduced); rank 0 alone evaluates and writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nn_core.errors import NNError
+from nn_sensitivity import dist
+from nn_sensitivity.metrics import check_metric, histograms, score
+from nn_sensitivity.params import eligible_params
+from nn_sensitivity.perturb import check_perturbation, perturbed
+from nn_sensitivity.rank import MODES, Ranking, check_controls, rank
+from nn_sensitivity.stability import jaccard_matrix, shared_fraction, summarise
+
+
+@dataclass
+class StudyConfig:
+    """Everything a study depends on (recorded in the manifest). Defaults finish in a
+    few minutes on a 2-core CPU with the embedded smollm2-135m and pydoc text."""
+
+    model: str = "smollm2-135m"
+    data: str = "pydoc"
+    metric: str = "grad_x_weight"
+    topk: list[int] = field(default_factory=lambda: [10, 100, 1000])
+    mode: str = "global"
+    perturb: str = "sign_flip"
+    perturb_scale: float = 1.0
+    perturb_absolute: bool = False
+    bit: int | None = None
+    prob: float = 1.0
+    controls: list[str] = field(default_factory=lambda: ["random_k", "bottom_k"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    stability: bool = True
+    calib_blocks: int = 8
+    block_len: int = 128
+    batch_size: int = 4
+    heldout_fraction: float = 0.2
+    split_seed: int = 0
+    eval_tokens: int = 2048
+    eval_len: int = 256
+    probes: int = 4
+    per_sample: bool = False
+    include_embeddings: bool = False
+    include_lm_head: bool = False
+    layers: str | None = None
+    modules: str | None = None
+    csv_rows: int = 1000
+    device: str = "auto"
+    dtype: str = "auto"
+    out: str = "runs/sensitivity"
+
+    def check(self) -> StudyConfig:
+        check_metric(self.metric)
+        check_perturbation(self.perturb)
+        self.controls = check_controls(self.controls)
+        if self.mode not in MODES:
+            raise NNError(f"unknown ranking mode '{self.mode}': use one of {', '.join(MODES)}")
+        if not self.topk or any(k < 1 for k in self.topk):
+            raise NNError(f"--topk needs positive integers, got {self.topk}: e.g. --topk 10,100,1000")
+        self.topk = sorted(set(self.topk))
+        if not self.seeds:
+            raise NNError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
+        self.seeds = list(dict.fromkeys(self.seeds))
+        for name in ("calib_blocks", "block_len", "batch_size", "eval_tokens", "eval_len",
+                     "probes"):
+            if getattr(self, name) < 1:
+                raise NNError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.eval_len < 2:
+            raise NNError("--eval-len must be at least 2 tokens")
+        return self
+
+    def metric_options(self) -> dict:
+        if self.metric == "hutchinson_diag":
+            return {"probes": self.probes}
+        if self.metric == "grad_squared":
+            return {"per_sample": self.per_sample}
+        return {}
+
+
+def _quiet(progress: bool | None) -> bool:
+    if progress is None:
+        import sys
+
+        return not sys.stderr.isatty()
+    return not progress
+
+
+class _Data:
+    """Calibration blocks (all of them, sampled per seed) and the held-out eval blocks."""
+
+    def __init__(self, cfg: StudyConfig, tokenizer):
+        from nn_core.data import load_texts, split_texts, token_blocks
+
+        texts = load_texts(cfg.data)
+        if len(texts) < 2:
+            raise NNError(f"'{cfg.data}' holds one document; calibration and held-out text must "
+                          "be different documents: give a corpus of several documents")
+        train, heldout = split_texts(texts, cfg.heldout_fraction, cfg.split_seed)
+        if not heldout:
+            raise NNError("the held-out fraction is 0: pass --heldout-fraction 0.2")
+        self.n_docs = (len(train), len(heldout))
+        self.calib = token_blocks(tokenizer, train, cfg.block_len)
+        if self.calib.shape[0] < cfg.calib_blocks:
+            raise NNError(f"the calibration text holds {self.calib.shape[0]} blocks of "
+                          f"{cfg.block_len} tokens, fewer than --calib-blocks {cfg.calib_blocks}: "
+                          "give more text or ask for fewer blocks")
+        held = token_blocks(tokenizer, heldout, cfg.eval_len)
+        n_eval = min(held.shape[0], math.ceil(cfg.eval_tokens / cfg.eval_len))
+        self.eval = held[:n_eval]
+        self.cfg = cfg
+
+    def blocks_for(self, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        return np.sort(rng.choice(self.calib.shape[0], self.cfg.calib_blocks, replace=False))
+
+    def batches_for(self, seed: int) -> list[dict]:
+        """This rank's calibration batches for ``seed`` (blocks are full: no padding)."""
+        chosen = dist.shard(self.blocks_for(seed).tolist())
+        rows = self.calib[torch.as_tensor(chosen, dtype=torch.long)]
+        bs = self.cfg.batch_size
+        return [{"input_ids": rows[i:i + bs]} for i in range(0, rows.shape[0], bs)]
+
+
+def _evaluate(model, tokenizer, data: torch.Tensor, cfg: StudyConfig) -> dict:
+    from nn_eval import evaluate_lm
+
+    return evaluate_lm(model, tokenizer, data, max_length=cfg.eval_len,
+                       stride=max(1, cfg.eval_len - 1), batch_size=cfg.batch_size)
+
+
+def _csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    fields = ["rank", "name", "flat_index", "index", "layer", "module", "score"]
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({**r, "score": f"{r['score']:.6e}"})
+    return buf.getvalue()
+
+
+def run_study(cfg: StudyConfig, *, model=None, tokenizer=None, progress: bool | None = None,
+              echo: Callable[[str], None] | None = print) -> dict:
+    """Run the whole study and write its outputs under ``cfg.out``; returns the summary
+    (also written as ``perturbation_results.json`` and ``stability.json``).
+
+    ``model``/``tokenizer`` may be given already loaded (then ``cfg.model`` only labels it).
+    """
+    from tqdm.auto import tqdm
+
+    from nn_core.io import atomic_write_json, atomic_write_text
+    from nn_core.manifest import PhaseTimer, write_manifest
+    from nn_core.models import load_model
+
+    cfg = cfg.check()
+    timer = PhaseTimer()
+    dist.maybe_init_from_env()
+    main_rank = dist.rank() == 0
+    out = Path(cfg.out)
+    say = echo if (echo is not None and main_rank) else (lambda _msg: None)
+
+    with timer("load"):
+        if model is None:
+            model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype,
+                                          seed=cfg.seeds[0])
+        elif tokenizer is None:
+            raise NNError("run_study got a model without its tokenizer: pass both")
+        params = eligible_params(model, include_embeddings=cfg.include_embeddings,
+                                 include_lm_head=cfg.include_lm_head, layers=cfg.layers,
+                                 modules=cfg.modules)
+        n_eligible = sum(p.numel for p in params)
+        if cfg.topk[-1] > n_eligible:
+            raise NNError(f"K={cfg.topk[-1]} is larger than the {n_eligible} eligible weights: "
+                          "pick a smaller --topk or widen the filters")
+        data = _Data(cfg, tokenizer)
+    say(f"nn-sensitivity: {cfg.model}, {len(params)} tensors / {n_eligible:,} eligible weights, "
+        f"metric {cfg.metric}, {cfg.calib_blocks}x{cfg.block_len} calibration tokens per seed, "
+        f"{int(data.eval.numel()):,} held-out tokens")
+
+    kmax = cfg.topk[-1]
+    opts = cfg.metric_options()
+    seed0 = cfg.seeds[0]
+    with timer("score"):
+        scores = score(model, data.batches_for(seed0), cfg.metric, params=params,
+                       progress=progress, **({"seed": seed0} if "probes" in opts else {}), **opts)
+    with timer("rank"):
+        rankings: dict[str, Ranking] = {"top_k": rank(scores, kmax, "top_k", cfg.mode)}
+        for ctrl in cfg.controls:
+            rankings[ctrl] = rank(scores, kmax, ctrl, cfg.mode, seed=seed0)
+        hist = histograms(scores)
+    score_info = {k: v for k, v in scores.info.items() if k != "model"}
+    del scores  # the stability seeds need the memory more
+
+    stab_sets: dict[int, dict[int, object]] = {}
+    if cfg.stability and len(cfg.seeds) > 1:
+        with timer("stability"):
+            stab_sets[seed0] = {k: rankings["top_k"].prefix(k).to_weightset() for k in cfg.topk}
+            for seed in cfg.seeds[1:]:
+                s = score(model, data.batches_for(seed), cfg.metric, params=params,
+                          progress=progress, **({"seed": seed} if "probes" in opts else {}),
+                          **opts)
+                top = rank(s, kmax, "top_k", cfg.mode)
+                del s
+                stab_sets[seed] = {k: top.prefix(k).to_weightset() for k in cfg.topk}
+
+    if not main_rank:
+        return {}
+
+    with timer("write_rankings"):
+        rdir = out / "rankings"
+        for kind, r in rankings.items():
+            for k in cfg.topk:
+                r.prefix(k).to_weightset().save(rdir / f"{kind}_k{k}.safetensors")
+        atomic_write_text(rdir / "top_k.csv", _csv_text(rankings["top_k"].rows(cfg.csv_rows)))
+        for ctrl in cfg.controls:
+            atomic_write_text(rdir / f"{ctrl}.csv", _csv_text(rankings[ctrl].rows(cfg.csv_rows)))
+
+    jobs = [(k, kind) for k in cfg.topk for kind in rankings]
+    rows = []
+    with timer("evaluate"):
+        baseline = _evaluate(model, tokenizer, data.eval, cfg)
+        bar = tqdm(jobs, desc="perturb+evaluate", disable=_quiet(progress), leave=False)
+        for k, kind in bar:
+            ws = rankings[kind].prefix(k).to_weightset()
+            start = time.perf_counter()
+            with perturbed(model, ws, cfg.perturb, scale=cfg.perturb_scale,
+                           absolute=cfg.perturb_absolute, bit=cfg.bit, prob=cfg.prob,
+                           seed=seed0) as info:
+                res = _evaluate(model, tokenizer, data.eval, cfg)
+            rows.append({
+                "selection": kind, "k": k, "n_weights": info["n_weights"],
+                "n_changed": info["n_changed"],
+                "ppl": res["ppl"], "nll": res["nll"], "token_acc": res["token_acc"],
+                "delta": {m: res[m] - baseline[m] for m in ("ppl", "nll", "token_acc")},
+                "score_mean": float(np.mean(rankings[kind].prefix(k).score)),
+                "seconds": time.perf_counter() - start,
+            })
+
+    stability = {"enabled": bool(stab_sets), "seeds": list(stab_sets), "k": cfg.topk}
+    if stab_sets:
+        seeds = list(stab_sets)
+        mats = {k: jaccard_matrix([stab_sets[s][k] for s in seeds]) for k in cfg.topk}
+        shared = shared_fraction({s: data.blocks_for(s) for s in seeds})
+        stability.update({
+            "jaccard": {str(k): m.tolist() for k, m in mats.items()},
+            "summary": {str(k): summarise(m) for k, m in mats.items()},
+            "calibration_blocks_shared": shared.tolist(),
+            "calibration_blocks": {str(s): data.blocks_for(s).tolist() for s in seeds},
+        })
+    elif cfg.stability:
+        stability["note"] = "rank stability needs at least two --seeds"
+
+    results = {
+        "format": "nn.sensitivity-results/1",
+        "model": cfg.model,
+        "metric": cfg.metric,
+        "metric_info": score_info,
+        "mode": cfg.mode,
+        "perturbation": {"kind": cfg.perturb, "scale": cfg.perturb_scale,
+                         "absolute": cfg.perturb_absolute, "bit": cfg.bit, "prob": cfg.prob,
+                         "seed": seed0},
+        "eligible": {"tensors": len(params), "weights": n_eligible},
+        "data": {"spec": cfg.data, "documents": {"calibration": data.n_docs[0],
+                                                 "heldout": data.n_docs[1]},
+                 "calibration_tokens_per_seed": cfg.calib_blocks * cfg.block_len,
+                 "heldout_tokens": int(data.eval.numel())},
+        "baseline": baseline,
+        "results": rows,
+    }
+    with timer("write"):
+        atomic_write_json(out / "perturbation_results.json", results)
+        atomic_write_json(out / "stability.json", stability)
+        atomic_write_json(out / "rankings" / "score_histograms.json", hist)
+        from nn_sensitivity import plots
+
+        title = f"{cfg.model} · {cfg.metric} · {cfg.perturb} · {cfg.mode}"
+        plots.delta_ppl_vs_k(rows, out / "plots" / "delta_ppl_vs_k.png", title=title)
+        plots.layer_histograms(hist, out / "plots" / "score_histograms.png",
+                               title=f"{cfg.model} · {cfg.metric} scores per layer")
+        if stab_sets:
+            plots.stability_heatmap(list(stab_sets), {k: np.asarray(v) for k, v in
+                                                      ((k, stability["jaccard"][str(k)])
+                                                       for k in cfg.topk)},
+                                    out / "plots" / "stability_heatmap.png",
+                                    title=f"top-K Jaccard across calibration seeds ({cfg.metric})")
+    write_manifest(out, config=asdict(cfg), model=model, model_spec=cfg.model,
+                   seeds={"seeds": cfg.seeds, "split_seed": cfg.split_seed}, phases=timer,
+                   extra={"world_size": dist.world_size()})
+    summary = {"results": results, "stability": stability, "phases": dict(timer.phases),
+               "out": str(out)}
+    say(format_summary(summary))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """A readable table of the study's numbers."""
+    res, stab = summary["results"], summary["stability"]
+    base = res["baseline"]
+    lines = [
+        "",
+        f"metric {res['metric']} · perturbation {res['perturbation']['kind']} · mode {res['mode']}"
+        f" · {res['eligible']['weights']:,} eligible weights",
+        f"baseline: ppl {base['ppl']:.3f}  nll {base['nll']:.4f}  token_acc {base['token_acc']:.4f}"
+        f"  ({base['n_tokens']:,} held-out tokens)",
+        "",
+        f"{'K':>7}  {'selection':<9}  {'ppl':>10}  {'ΔPPL':>10}  {'ΔNLL':>8}  {'Δacc':>8}",
+    ]
+    for r in res["results"]:
+        d = r["delta"]
+        lines.append(f"{r['k']:>7}  {r['selection']:<9}  {r['ppl']:>10.3f}  {d['ppl']:>+10.3f}  "
+                     f"{d['nll']:>+8.4f}  {d['token_acc']:>+8.4f}")
+    if stab.get("enabled"):
+        lines.append("")
+        parts = [f"K={k}: {stab['summary'][str(k)]['mean']:.3f}" for k in stab["k"]]
+        shared = np.asarray(stab["calibration_blocks_shared"])
+        off = shared[~np.eye(shared.shape[0], dtype=bool)]
+        lines.append(f"rank stability (mean Jaccard of top-K across seeds {stab['seeds']}): "
+                     + ", ".join(parts)
+                     + f"  [calibration blocks shared between seeds: {off.mean():.0%}]")
+    phases = summary.get("phases", {})
+    if phases:
+        lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items())
+                     + f"  (total {sum(phases.values()):.1f}s)")
+    lines.append(f"outputs in {summary['out']}/")
+    return "\n".join(lines)
+
+
+def parse_int_list(text: str | Sequence[int]) -> list[int]:
+    """``"10,100,1000"`` (or a YAML list) -> [10, 100, 1000]; ``1e3`` style is accepted."""
+    if not isinstance(text, str):
+        return [int(x) for x in text]
+    out = []
+    for part in text.strip("[]() ").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise NNError(f"'{part}' is not an integer: give a comma-separated list like 10,100") from None
+        if not value.is_integer():
+            raise NNError(f"'{part}' is not an integer: give a comma-separated list like 10,100")
+        out.append(int(value))
+    return out
