@@ -64,9 +64,11 @@ def test_evaluate_components_reports_controls():
     assert r["std"] == pytest.approx(np.std(r["delta_ppl"], ddof=1))
     assert rep["excess"] == pytest.approx(rep["delta_ppl"] - r["mean"])
     # hooks are gone afterwards: a fresh evaluation equals the baseline
+    from nn_core.data import tokenize_texts
     from nn_eval import evaluate_lm
 
-    assert evaluate_lm(model, tok, TEXTS, max_length=32)["ppl"] == pytest.approx(rep["baseline"]["ppl"])
+    data = tokenize_texts(tok, TEXTS, max_length=32)  # each text's first 32 tokens
+    assert evaluate_lm(model, tok, data, max_length=32)["ppl"] == pytest.approx(rep["baseline"]["ppl"])
     pre = evaluate_components(model, tok, t, [0], TEXTS, mode="preserve", n_random=1, max_length=32)
     assert pre["delta_ppl"] != 0
 

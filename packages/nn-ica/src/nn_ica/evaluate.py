@@ -8,7 +8,8 @@ For the union S of the chosen components (a NeuronSet on the templates' site):
   layers unmasked, so "preserve" there meant "preserve S, plus all of every layer S does
   not touch"; here it means exactly "keep only S".)
 
-``ΔPPL = PPL(masked) - PPL(unmasked)`` on held-out text, through :func:`nn_eval.evaluate_lm`.
+``ΔPPL = PPL(masked) - PPL(unmasked)`` on held-out text (each text's first ``max_length``
+tokens), through :func:`nn_eval.evaluate_lm`.
 A control is the same mask built from ``S.random_like(seed)`` (the same number of
 channels in every layer, drawn uniformly), for several seeds; the report gives each
 control's ΔPPL, their mean and standard deviation, and ``excess = ΔPPL(S) - mean``.
@@ -64,6 +65,7 @@ def evaluate_components(
     Returns ``{"mode", "components", "n_neurons", "layer_counts", "baseline",
     "intervened", "delta_ppl", "random": {"seeds", "delta_ppl", "ppl", "mean", "std"},
     "excess"}`` (``ppl`` entries are nn-eval result dicts)."""
+    from nn_core.data import tokenize_texts
     from nn_eval import evaluate_lm
 
     check_mode(mode)
@@ -73,19 +75,21 @@ def evaluate_components(
     ns = templates.neuronset(templates.check_ids(components), model=model)
     if not texts:
         raise NNError("no evaluation text: pass --data with a dataset that has held-out documents")
+    # Each text is scored on its first max_length tokens: one window, bounded cost.
+    data = [ids for ids in tokenize_texts(tokenizer, list(texts), max_length=max_length) if len(ids) > 1]
     kw = dict(max_length=max_length, stride=stride, batch_size=batch_size)
     say = progress or (lambda _msg: None)
     say("baseline")
-    baseline = evaluate_lm(model, tokenizer, list(texts), **kw)
+    baseline = evaluate_lm(model, tokenizer, data, **kw)
     say(f"{mode} components {list(components)}")
     with mask_neurons(model, ns, mode):
-        target = evaluate_lm(model, tokenizer, list(texts), **kw)
+        target = evaluate_lm(model, tokenizer, data, **kw)
     seeds = [seed + 1000 + i for i in range(n_random)]
     controls = []
     for s in seeds:
         say(f"random control seed {s}")
         with mask_neurons(model, ns.random_like(s), mode):
-            controls.append(evaluate_lm(model, tokenizer, list(texts), **kw))
+            controls.append(evaluate_lm(model, tokenizer, data, **kw))
     deltas = [c["ppl"] - baseline["ppl"] for c in controls]
     delta = target["ppl"] - baseline["ppl"]
     mean = statistics.fmean(deltas) if deltas else None

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nn_ica.cli import main, parse_layers
+
+BUILD = ["--samples", "24", "--max-tokens", "400", "--pca-components", "12", "--components", "4",
+         "--max-length", "48"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ica")
+    assert main(["build", "tiny-llama", "pydoc", *BUILD, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("cmd", ["build", "show", "match", "eval", "train"])
+def test_help(cmd, capsys):
+    assert main([cmd, "--help"]) == 0
+    assert cmd in capsys.readouterr().out
+
+
+def test_build_writes_templates_and_manifest(built, capsys):
+    t = json.loads((built / "templates.json").read_text())
+    assert t["format"] == "nn.ica-templates/1" and len(t["components"]) == 4
+    assert t["metadata"]["datasets"] == ["pydoc"]
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert manifest["extra"]["ica"]["n_components"] == 4
+    assert main(["show", str(built / "templates.json")]) == 0
+    assert "4 components" in capsys.readouterr().out
+    assert main(["match", str(built / "templates.json"), str(built / "templates.json"), "--json"]) == 0
+    pairs = json.loads(capsys.readouterr().out)
+    assert [p["iou"] for p in pairs] == [1.0] * 4
+
+
+def test_eval_writes_report(built, tmp_path, capsys):
+    out = tmp_path / "ev"
+    code = main(["eval", "--templates", str(built / "templates.json"), "--components", "largest",
+                 "--mode", "preserve", "--samples", "3", "--random", "2", "--max-length", "32",
+                 "--out", str(out)])
+    assert code == 0
+    rep = json.loads((out / "eval.json").read_text())
+    assert rep["mode"] == "preserve" and rep["components"] == [0] and len(rep["random"]["delta_ppl"]) == 2
+
+
+def test_bad_input_exits_2_and_leaves_nothing(built, tmp_path, capsys):
+    out = tmp_path / "few"
+    code = main(["build", "tiny-llama", "pydoc", "--samples", "1", "--max-length", "8",
+                 "--max-tokens", "400", "--pca-components", "12", "--components", "4", "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "fewer than --components" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "templates.json").exists()
+    tpl = str(built / "templates.json")
+    assert main(["eval", "--templates", tpl, "--components", "7", "--random", "0"]) == 2
+    assert "component id(s) 7 not in the templates" in capsys.readouterr().err
+    assert main(["eval", "--templates", tpl, "--components", "0", "--model", "tiny-gpt2"]) == 2
+    err = capsys.readouterr().err
+    assert "'tiny-llama'" in err and "'tiny-gpt2'" in err
+    assert main(["eval", "--templates", tpl, "--components", "0", "--site", "mlp_out"]) == 2
+    assert "site mlp_act, not site mlp_out" in capsys.readouterr().err
+    assert main(["show", str(tmp_path / "missing.json")]) == 2
+
+
+def test_train_cli(built, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i}"}) for i in range(8)))
+    out = tmp_path / "run"
+    code = main(["train", "--templates", str(built / "templates.json"), "--components", "0,1",
+                 "--mode", "lesion", "--data", str(data), "--max-steps", "2", "--batch-size", "4",
+                 "--freeze-masked", "--out", str(out)])
+    assert code == 0
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["extra"]["ica"]["components"] == [0, 1] and manifest["extra"]["ica"]["freeze_masked"]
+
+
+def test_parse_layers():
+    assert parse_layers("all") is None
+    assert parse_layers("0-2,5") == [0, 1, 2, 5]
+    from nn_core.errors import NNError
+
+    with pytest.raises(NNError, match="bad --layers"):
+        parse_layers("3-1")
