@@ -3,8 +3,6 @@ controls of the same size."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -14,12 +12,11 @@ def test_sign_flip_of_top_k_hurts_more_than_controls(smollm2):
     from nn_sensitivity import perturbed, score, select
 
     model, tok = smollm2
-    before = {n: p.detach().clone() for n, p in model.named_parameters()
-              if n.endswith("mlp.down_proj.weight")}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train, heldout = split_texts(load_texts("pydoc"), 0.2, seed=0)
     calib = token_blocks(tok, train, 128, n_blocks=4, seed=0)
     batches = [{"input_ids": calib[i:i + 2]} for i in range(0, 4, 2)]
-    held = token_blocks(tok, heldout, 256)[:8]
+    held = token_blocks(tok, heldout, 256)[:4]  # 1020 scored tokens: the contrast is large
 
     s = score(model, batches, "grad_x_weight")
     sets = {kind: select(s, 100, kind, seed=0) for kind in ("top_k", "random_k", "bottom_k")}
@@ -34,9 +31,7 @@ def test_sign_flip_of_top_k_hurts_more_than_controls(smollm2):
     for kind, ws in sets.items():
         with perturbed(model, ws, "sign_flip"):
             delta[kind] = ppl() - base
-    assert math.isclose(ppl(), base, rel_tol=1e-9)  # restored exactly
-    for n, p in model.named_parameters():
-        if n in before:
-            assert torch.equal(p, before[n])
+    for n, p in model.named_parameters():  # restored exactly
+        assert torch.equal(p, before[n]), n
     assert delta["top_k"] > delta["random_k"] and delta["top_k"] > delta["bottom_k"]
     assert delta["top_k"] > 0.01 * base, delta

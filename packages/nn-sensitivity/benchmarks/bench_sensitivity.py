@@ -9,7 +9,7 @@
    peak extra memory of the streaming top-K versus flatten-and-sort (``torch.cat`` then
    ``torch.sort``). Each is measured in a fresh subprocess as the rise of the peak
    resident set size (VmHWM) over the resident size once the score tensors exist.
-   Flatten-and-sort needs about 16 bytes per weight on top of the scores, which does not
+   Flatten-and-sort needs about 24 bytes per weight on top of the scores, which does not
    fit 1e9 weights in a 24 GiB machine, so it is measured at ``--sort-weights`` and
    extrapolated linearly (its memory is linear in the weight count); the JSON says so.
 
@@ -169,10 +169,16 @@ def bench_topk(args) -> dict:
         "streaming_at_sort_size": stream_small,
         "flatten_and_sort_measured": sort_small,
         "flatten_and_sort_extrapolated_extra_bytes": sort_small["extra_peak_bytes"] * factor,
+        "same_kth_score_at_sort_size": stream_small["kth_score"] == sort_small["kth_score"],
         "note": (f"flatten-and-sort measured at {args.sort_weights:.0e} weights and scaled by "
-                 f"{factor:g} (its extra memory is linear in the weight count: a concatenated "
-                 "copy, sorted values and int64 indices); at 1e9 weights it would need "
-                 "~16 GB on top of the 4 GB of scores, more than this 24 GiB machine holds"),
+                 f"{factor:g}: its extra memory (a concatenated copy, sorted values, int64 "
+                 "indices and sort workspace: "
+                 f"{sort_small['extra_peak_bytes'] / args.sort_weights:.1f} bytes per weight) is "
+                 f"linear in the weight count; at {args.topk_weights:.0e} weights that is "
+                 f"~{sort_small['extra_peak_bytes'] * factor / 2**30:.0f} GiB on top of the "
+                 f"{4 * args.topk_weights / 2**30:.1f} GiB of scores"
+                 + (", more than a 24 GiB machine holds, so it was not run at full size"
+                    if sort_small["extra_peak_bytes"] * factor > 16 * 2**30 else "")),
         "streaming_vs_sort_ratio": stream["extra_peak_bytes"]
         / (sort_small["extra_peak_bytes"] * factor),
     }

@@ -85,6 +85,21 @@ def test_bad_input_exits_2_with_one_line(flags, message, tmp_path, capsys):
     assert not (tmp_path / "x" / "perturbation_results.json").exists()
 
 
+def test_evaluate_a_saved_weightset(study, tmp_path, capsys):
+    weights = study / "rankings" / "top_k_k50.safetensors"
+    out = tmp_path / "ev"
+    assert main(["evaluate", str(weights), "--model", "tiny-llama", "--perturb", "zero",
+                 "--eval-tokens", "256", "--eval-len", "64", "--out", str(out)]) == 0
+    res = json.loads((out / "evaluation.json").read_text())
+    assert res["weightset"]["n_weights"] == 50 and res["perturbation"]["kind"] == "zero"
+    assert res["delta"]["ppl"] == pytest.approx(res["perturbed"]["ppl"] - res["baseline"]["ppl"])
+    # a WeightSet made for another model: one line, exit 2
+    code = main(["evaluate", str(weights), "--model", "tiny-gpt2", "--out", str(tmp_path / "no")])
+    err = capsys.readouterr().err
+    assert code == 2 and "made for" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "no" / "evaluation.json").exists()
+
+
 def test_help_and_metrics(capsys):
     assert main(["run", "--help"]) == 0
     assert main(["metrics"]) == 0

@@ -34,19 +34,27 @@ def test_gpt2_conv1d_kind(gpt2):
     assert info.kind == "conv1d" and info.input_dim == 0 and info.shape == (128, 64)
 
 
-def test_module_filter_is_exact_on_path_components():
-    # 12 layers so that layers.1 and layers.10/11 both exist
-    model, _ = load_model("tiny-llama", device="cpu")
-    import transformers as T
+def _twelve_layer_llama():
+    """tiny-llama grown to 12 blocks, so that layers.1 and layers.10/11 all exist."""
+    import copy
 
-    cfg = T.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=12,
-                        num_attention_heads=2, num_key_value_heads=1, vocab_size=260)
-    big = T.AutoModelForCausalLM.from_config(cfg)
+    model, _ = load_model("tiny-llama", device="cpu")
+    for _ in range(10):
+        model.model.layers.append(copy.deepcopy(model.model.layers[0]))
+    model.config.num_hidden_layers = 12
+    object.__setattr__(model, "_nn_adapter", None)  # re-resolve the adapter
+    return model
+
+
+def test_module_filter_is_exact_on_path_components():
+    model, _ = load_model("tiny-llama", device="cpu")
+    big = _twelve_layer_llama()
     names = {i.name for i in eligible_params(big, modules="layers.1")}
-    assert names and all(n.startswith("model.layers.1.") for n in names)
+    assert len(names) == 7 and all(n.startswith("model.layers.1.") for n in names)
     assert not any(n.startswith(("model.layers.10.", "model.layers.11.")) for n in names)
     names = {i.name for i in eligible_params(big, layers=[1])}
     assert names == {i.name for i in eligible_params(big, modules="layers.1")}
+    assert {i.layer for i in eligible_params(big, layers="10-11")} == {10, 11}
     # a partial component never matches
     with pytest.raises(NNError, match="select no weights"):
         eligible_params(model, modules="proj")

@@ -14,6 +14,7 @@ examples:
   nn-sensitivity run --metric hutchinson_diag --probes 8 --topk 10,100,1000,10000 \\
       --perturb bit_flip --bit 30 --controls random_k,bottom_k --seeds 0,1,2 --out runs/hutch
   nn-sensitivity run --config study.yaml --mode per-layer
+  nn-sensitivity evaluate runs/sensitivity/rankings/top_k_k100.safetensors --perturb zero
   nn-sensitivity metrics
 """
 
@@ -132,6 +133,46 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate(sub) -> None:
+    from nn_core.cli_common import add_common_args
+
+    p = sub.add_parser(
+        "evaluate", help="perturb a saved WeightSet and measure the held-out change",
+        description="Load a WeightSet (e.g. rankings/top_k_k100.safetensors from a run), perturb "
+                    "it in --model and report ΔPPL, ΔNLL and Δtoken-accuracy.",
+        epilog="example:\n  nn-sensitivity evaluate runs/sensitivity/rankings/top_k_k100.safetensors"
+               " --perturb zero --out runs/eval-zero",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("weights", metavar="WEIGHTS.safetensors", help="a WeightSet file")
+    add_common_args(p, defaults={"out": "runs/sensitivity-eval"})
+    p.add_argument("--data", default="pydoc", metavar="SPEC", help="text (default: %(default)s)")
+    p.add_argument("--perturb", default="sign_flip", metavar="KIND",
+                   help="zero, sign_flip, gauss_noise or bit_flip (default: %(default)s)")
+    p.add_argument("--perturb-scale", type=float, default=1.0, metavar="S")
+    p.add_argument("--perturb-absolute", action="store_true")
+    p.add_argument("--bit", type=int, default=None, metavar="B")
+    p.add_argument("--prob", type=float, default=1.0, metavar="P")
+    p.add_argument("--heldout-fraction", type=float, default=0.2, metavar="F")
+    p.add_argument("--eval-tokens", type=int, default=2048, metavar="N")
+    p.add_argument("--eval-len", type=int, default=256, metavar="T")
+    p.add_argument("--batch-size", type=int, default=4, metavar="B")
+    p.set_defaults(func=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from nn_sensitivity.runner import StudyConfig, evaluate_weightset
+
+    cfg = StudyConfig(model=args.model, data=args.data, perturb=args.perturb,
+                      perturb_scale=args.perturb_scale, perturb_absolute=args.perturb_absolute,
+                      bit=args.bit, prob=args.prob, seeds=[args.seed],
+                      heldout_fraction=args.heldout_fraction, eval_tokens=args.eval_tokens,
+                      eval_len=args.eval_len, batch_size=args.batch_size, calib_blocks=1,
+                      block_len=16, device=args.device, dtype=args.dtype,
+                      out=args.out or "runs/sensitivity-eval")
+    evaluate_weightset(cfg, args.weights)
+    return 0
+
+
 def _metrics(args: argparse.Namespace) -> int:
     from nn_sensitivity.metrics import METRICS
     from nn_sensitivity.perturb import PERTURBATIONS
@@ -151,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                          "measure.", EPILOG)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run(sub)
+    _add_evaluate(sub)
     m = sub.add_parser("metrics", help="list the metrics with their formulas")
     m.set_defaults(func=_metrics)
     return cli_main(parser, argv)

@@ -271,7 +271,12 @@ def _input_stats(model, infos, batches, what: str, progress) -> tuple[dict, int]
                 part, n = c.to(mod.weight.device), ids.numel()
             else:
                 x = args[0].detach()
-                flat = x.reshape(-1, x.shape[-1])[keep.to(x.device)].double()
+                flat = x.reshape(-1, x.shape[-1])
+                if flat.shape[0] != keep.numel():
+                    raise NNError(f"{name} sees {flat.shape[0]} input rows for {keep.numel()} "
+                                  "tokens (routed or reshaped inputs): exclude it with --modules "
+                                  "or use a gradient metric")
+                flat = flat[keep.to(x.device)].double()
                 part = flat.abs().sum(0) if what == "abs_sum" else (flat * flat).sum(0)
                 n = flat.shape[0]
             sums[name] = part if name not in sums else sums[name] + part

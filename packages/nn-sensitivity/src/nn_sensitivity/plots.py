@@ -33,13 +33,17 @@ def delta_ppl_vs_k(rows: Sequence[Mapping], path: Path, *, title: str) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     try:
+        finite = [r["delta"]["ppl"] for r in rows if np.isfinite(r["delta"]["ppl"])]
         for kind in ("top_k", "random_k", "bottom_k"):
             pts = sorted((r["k"], r["delta"]["ppl"]) for r in rows if r["selection"] == kind)
             if pts:
                 ks, d = zip(*pts, strict=True)
                 ax.plot(ks, d, marker="o", label=kind, color=_COLORS[kind])
         ax.set_xscale("log")
+        # symlog: the controls' tiny changes and the top-K's huge ones on one axis
         ax.set_yscale("symlog", linthresh=0.01)
+        if finite:
+            ax.set_ylim(min(-0.05, 3 * min(finite)), max(0.05, 3 * max(finite)))
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel("K (weights perturbed)")
         ax.set_ylabel("Δ perplexity (held-out)")
@@ -60,13 +64,13 @@ def layer_histograms(hist: Mapping, path: Path, *, title: str) -> Path:
     cols = min(4, n)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.2 * rows), squeeze=False,
-                             sharex=True)
+                             sharex=True, layout="constrained")
     try:
-        centers = (edges[:-1] + edges[1:]) / 2
         for ax, group in zip(axes.flat, groups, strict=False):
-            counts = np.asarray(hist["counts"][group])
-            ax.fill_between(centers, counts, step="mid", color="tab:purple", alpha=0.7)
+            counts = np.asarray(hist["counts"][group], dtype=float)
+            ax.stairs(counts, edges, fill=True, color="tab:purple", alpha=0.7)
             ax.set_yscale("log")
+            ax.set_ylim(0.8, max(10.0, counts.max() * 2))
             zeros = hist["zeros"].get(group, 0)
             ax.set_title(f"{group}" + (f" ({zeros} zero)" if zeros else ""), fontsize=8)
             ax.tick_params(labelsize=7)

@@ -318,6 +318,51 @@ def run_study(cfg: StudyConfig, *, model=None, tokenizer=None, progress: bool | 
     return summary
 
 
+def evaluate_weightset(cfg: StudyConfig, weights: str | Path, *, model=None, tokenizer=None,
+                       echo: Callable[[str], None] | None = print) -> dict:
+    """Perturb a saved :class:`WeightSet` (e.g. ``rankings/top_k_k100.safetensors``) in
+    ``cfg.model`` and measure the held-out change; writes ``evaluation.json`` and
+    ``manifest.json`` under ``cfg.out``. A set made for another model is an NNError."""
+    from nn_core.io import atomic_write_json
+    from nn_core.manifest import PhaseTimer, write_manifest
+    from nn_core.models import load_model
+    from nn_core.weightset import WeightSet
+
+    check_perturbation(cfg.perturb)
+    timer = PhaseTimer()
+    ws = WeightSet.load(weights)
+    with timer("load"):
+        if model is None:
+            model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        ws.validate(model)
+        data = _Data(cfg, tokenizer)
+    with timer("evaluate"):
+        baseline = _evaluate(model, tokenizer, data.eval, cfg)
+        with perturbed(model, ws, cfg.perturb, scale=cfg.perturb_scale,
+                       absolute=cfg.perturb_absolute, bit=cfg.bit, prob=cfg.prob,
+                       seed=cfg.seeds[0]) as info:
+            res = _evaluate(model, tokenizer, data.eval, cfg)
+    out = {
+        "format": "nn.sensitivity-evaluation/1", "model": cfg.model, "weights": str(weights),
+        "weightset": {"n_weights": len(ws), "method": ws.meta.get("method"),
+                      "parameters": ws.meta.get("parameters")},
+        "perturbation": {"kind": cfg.perturb, "scale": cfg.perturb_scale,
+                         "absolute": cfg.perturb_absolute, "bit": cfg.bit, "prob": cfg.prob,
+                         "seed": cfg.seeds[0], "n_changed": info["n_changed"]},
+        "baseline": baseline, "perturbed": res,
+        "delta": {m: res[m] - baseline[m] for m in ("ppl", "nll", "token_acc")},
+    }
+    atomic_write_json(Path(cfg.out) / "evaluation.json", out)
+    write_manifest(cfg.out, config={**asdict(cfg), "weights": str(weights)}, model=model,
+                   model_spec=cfg.model, seeds={"seeds": cfg.seeds}, phases=timer)
+    if echo is not None:
+        d = out["delta"]
+        echo(f"{len(ws):,} weights, {cfg.perturb}: ppl {baseline['ppl']:.3f} -> {res['ppl']:.3f} "
+             f"(ΔPPL {d['ppl']:+.3f}, ΔNLL {d['nll']:+.4f}, Δacc {d['token_acc']:+.4f}) "
+             f"on {baseline['n_tokens']:,} held-out tokens; written to {cfg.out}/evaluation.json")
+    return out
+
+
 def format_summary(summary: dict) -> str:
     """A readable table of the study's numbers."""
     res, stab = summary["results"], summary["stability"]
