@@ -310,7 +310,8 @@ def _total_variance(x) -> float:
     """Sum of the column variances of the (standardised) matrix."""
     n = x.shape[0]
     if isinstance(x, torch.Tensor):
-        return sum(float((x[i:i + 4096].double() ** 2).sum()) for i in range(0, n, 4096)) / (n - 1)
+        return sum(float(torch.linalg.vector_norm(x[i:i + 256], dtype=torch.float64) ** 2)
+                   for i in range(0, n, 256)) / (n - 1)
     return float(np.einsum("ij,ij->", x, x, dtype=np.float64)) / (n - 1)
 
 
