@@ -24,6 +24,7 @@ _EXPORTS = {
     "masks": ["MaskHandle", "WeightMask", "down_proj_weight_mask", "mask_neurons"],
     "models": ["load_model"],
     "neuronset": ["NeuronSet"],
+    "sft": ["SFTConfig", "WeightMaskCallback", "base_model", "build_trainer", "prepare_model", "train"],
     "sites": ["SITES", "SiteRef", "model_signature"],
     "weightset": ["WeightSet"],
 }
@@ -73,5 +74,13 @@ if TYPE_CHECKING:  # static analysers see the real names
     from nn_core.masks import MaskHandle, WeightMask, down_proj_weight_mask, mask_neurons  # noqa: F401
     from nn_core.models import load_model  # noqa: F401
     from nn_core.neuronset import NeuronSet  # noqa: F401
+    from nn_core.sft import (  # noqa: F401
+        SFTConfig,
+        WeightMaskCallback,
+        base_model,
+        build_trainer,
+        prepare_model,
+        train,
+    )
     from nn_core.sites import SITES, SiteRef, model_signature  # noqa: F401
     from nn_core.weightset import WeightSet  # noqa: F401
