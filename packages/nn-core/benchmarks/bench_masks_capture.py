@@ -112,6 +112,10 @@ def main() -> None:
         "peak_rss_mib_x4": round(big / 1024, 1),
         "capture_memory_growth": (big - base) / base,
         "target": "< 0.10",
+        "peak_rss_growth_mib": round((big - base) / 1024, 1),
+        # what keeping every token (no reducer) would add at x4, for scale: tokens x
+        # (30 layers x (1536 + 576) channels) x 4 bytes
+        "unreduced_storage_mib_x4": round(peaks[4]["tokens"] * 30 * (1536 + 576) * 4 / 2**20, 1),
     }
     print(json.dumps(out, indent=2))
 

@@ -95,3 +95,46 @@ def test_signature(tiny_models):
     sig = model_signature(tiny_models("qwen2")[0])
     assert sig == {"model_id": "tiny-qwen2", "model_type": "qwen2", "num_layers": 2,
                    "widths": {"mlp_act": 128, "mlp_out": 64, "resid": 64}}
+
+
+def test_resid_is_the_block_output(tiny_models, batch, arch):
+    model, _ = tiny_models(arch)
+    b = batch(arch)
+    seen = {}
+    with hooked(model, {(0, "resid"): lambda x: seen.setdefault("r", x.clone())}), torch.no_grad():
+        hidden = model(**b, output_hidden_states=True).hidden_states
+    # hidden_states[0] is the embedding output, [i + 1] the output of block i
+    torch.testing.assert_close(seen["r"], hidden[1])
+
+
+def test_mlp_act_is_gate_times_up_computed_independently(tiny_models, batch):
+    model, _ = tiny_models("llama")
+    b = batch("llama")
+    mlp = model.model.layers[1].mlp
+    seen = {}
+    grab = mlp.register_forward_hook(lambda m, a, o: seen.setdefault("in", a[0].clone()))
+    try:
+        with hooked(model, {(1, "mlp_act"): lambda x: seen.setdefault("act", x.clone())}), torch.no_grad():
+            model(**b)
+    finally:
+        grab.remove()
+    x = seen["in"]
+    with torch.no_grad():
+        expected = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+    torch.testing.assert_close(seen["act"], expected)
+
+
+def test_gpt2_mlp_act_is_activation_of_c_fc(tiny_models, batch):
+    model, _ = tiny_models("gpt2")
+    b = batch("gpt2")
+    mlp = model.transformer.h[0].mlp
+    seen = {}
+    grab = mlp.register_forward_hook(lambda m, a, o: seen.setdefault("in", a[0].clone()))
+    try:
+        with hooked(model, {(0, "mlp_act"): lambda x: seen.setdefault("act", x.clone())}), torch.no_grad():
+            model(**b)
+    finally:
+        grab.remove()
+    with torch.no_grad():
+        expected = mlp.act(mlp.c_fc(seen["in"]))
+    torch.testing.assert_close(seen["act"], expected)

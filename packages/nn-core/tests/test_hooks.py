@@ -50,11 +50,15 @@ def test_capture_padded_equals_one_at_a_time(tiny_models, arch, site, encode):
     torch.testing.assert_close(together[ref], expected, atol=1e-5, rtol=1e-4)
 
 
-def test_capture_left_padding_excluded(tiny_models, encode):
-    model, tok = tiny_models("llama")
+@pytest.mark.parametrize("site", ["mlp_act", "resid"])
+def test_capture_left_padded_equals_one_at_a_time(tiny_models, arch, site, encode):
+    model, tok = tiny_models(arch)
     texts = ["a longer sentence here", "tiny"]
-    left = capture(model, [(0, "mlp_act")], [dict(encode(tok, texts, "left"))])
+    ref = (1, site)
+    left = capture(model, [ref], [dict(encode(tok, texts, "left"))])
+    expected = torch.cat([capture(model, [ref], [dict(encode(tok, [t]))])[ref] for t in texts])
     assert left.n_tokens == sum(len(tok(t).input_ids) for t in texts)
+    torch.testing.assert_close(left[ref], expected, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("reducer", ["mean", "abs_mean", "sumsq"])

@@ -138,7 +138,7 @@ def test_weight_mask_survives_adamw_weight_decay(arch_name, mode):
     wm.remove()
     for layer in range(2):
         sel = torch.zeros_like(before[layer], dtype=torch.bool)
-        act_dim = ad.neuron_dim()
+        act_dim = 0 if arch_name == "gpt2" else 1  # Conv1D stores (in, out); Linear (out, in)
         if layer == 0:
             sel.index_fill_(act_dim, torch.tensor([1, 2, 3]), True)
         else:
@@ -156,3 +156,33 @@ def test_weight_mask_rejects_wrong_shape(tiny_models):
         WeightMask(model, {name: torch.ones(3, 3, dtype=torch.bool)})
     with pytest.raises(NNError, match="no parameter"):
         WeightMask(model, {"nope.weight": torch.ones(3, dtype=torch.bool)})
+
+
+def test_lesion_of_an_inf_channel_gives_zero_not_nan(tiny_models, batch):
+    model, _ = tiny_models("llama")
+    b = batch("llama")
+    ns = NeuronSet.for_model(model, {(0, "mlp_act"): [5]})
+
+    def blow_up(x):
+        x = x.clone()
+        x[..., 5] = float("inf")
+        return x
+
+    with hooked(model, {(0, "mlp_act"): blow_up}):  # registered first, runs before the mask
+        with mask_neurons(model, ns, "lesion"):
+            out = _logits(model, b)
+    assert torch.isfinite(out).all()
+
+
+def test_negative_layer_is_rejected():
+    with pytest.raises(NNError, match="layers count from 0"):
+        NeuronSet({(-1, "mlp_act"): [1]})
+    with pytest.raises(NNError, match="layers count from 0"):
+        NeuronSet.from_dict({"format": "nn.neuronset/1", "neurons": {"-1.mlp_act": [1]}, "meta": {}})
+
+
+@pytest.mark.parametrize("bad", [{"neurons": [1, 2]}, {"neurons": {"0.mlp_act": ["a"]}}, {"meta": [1]}])
+def test_malformed_neuronset_file_is_one_line_error(bad):
+    obj = {"format": "nn.neuronset/1", "neurons": {}, "meta": {}, **bad}
+    with pytest.raises(NNError, match="malformed NeuronSet"):
+        NeuronSet.from_dict(obj)

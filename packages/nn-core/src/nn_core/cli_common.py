@@ -266,6 +266,17 @@ def run_cli(fn: Callable[[argparse.Namespace], int | None], args: argparse.Names
         name = exc.filename or str(exc)
         print(error_line(prog, f"file not found: {name}: check the path"), file=sys.stderr)
         return EXIT_USAGE
+    except IsADirectoryError as exc:
+        print(error_line(prog, f"{exc.filename or exc} is a folder: pass a file"), file=sys.stderr)
+        return EXIT_USAGE
+    except PermissionError as exc:
+        print(error_line(prog, f"permission denied: {exc.filename or exc}: check the path's permissions"),
+              file=sys.stderr)
+        return EXIT_USAGE
+    except UnicodeDecodeError as exc:
+        print(error_line(prog, f"an input file is not UTF-8 text ({exc.reason} at byte {exc.start}): "
+                               "convert it to UTF-8"), file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(error_line(prog, "interrupted by the user"), file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -414,7 +414,8 @@ def collate(features: Sequence, pad_id: int | None, padding_side: str = "right")
         ids = [int(x) for x in ids]
         labels = [int(x) for x in labels]
         if len(labels) != len(ids):
-            raise ValueError(f"labels ({len(labels)}) and input_ids ({len(ids)}) differ in length")
+            raise NNError(f"labels ({len(labels)}) and input_ids ({len(ids)}) differ in length: "
+                          "give one label per token")
         ids_list.append(ids)
         labels_list.append(labels)
     width = max(len(x) for x in ids_list)

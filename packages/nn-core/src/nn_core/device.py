@@ -29,9 +29,15 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise NNError(f"unknown device '{device}': use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise NNError(f"device '{device}' was asked for but CUDA is not available: use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise NNError(f"device '{device}' does not exist: this machine has "
+                      f"{torch.cuda.device_count()} CUDA device(s)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise NNError(f"device '{device}' was asked for but MPS is not available: use --device cpu")
     return dev

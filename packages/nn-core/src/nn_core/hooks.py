@@ -147,8 +147,12 @@ def capture(
             if reducer is None:
                 chunks[ref].append(flat.float().cpu())
             else:
-                f = flat.double()
+                # float64 sums; MPS has no float64, so there the per-batch sum is float32
+                # and the running total float64 on the CPU
+                f = flat.float() if flat.device.type == "mps" else flat.double()
                 part = {"mean": f.sum(0), "abs_mean": f.abs().sum(0), "sumsq": (f * f).sum(0)}[reducer]
+                if part.device.type == "mps":
+                    part = part.cpu().double()
                 sums[ref] = part if sums[ref] is None else sums[ref] + part
             return None
         return fn
@@ -165,7 +169,12 @@ def capture(
                 mask = torch.ones_like(ids) if mask is None else mask.to(device)
                 state["keep"] = mask.reshape(-1).bool()
                 state["batch"] = n_batches
-                model(input_ids=ids, attention_mask=mask)
+                extra = {}
+                if _takes_position_ids(model) and bool((mask[:, 0] == 0).any()):
+                    # left padding: count positions from each row's first real token, as in
+                    # an unpadded run (matters for absolute position embeddings, e.g. GPT-2)
+                    extra["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+                model(input_ids=ids, attention_mask=mask, **extra)
                 n_tokens += int(mask.sum())
                 n_batches += 1
     finally:
@@ -179,6 +188,15 @@ def capture(
     else:
         values = {r: (sums[r] / n_tokens).cpu() for r in refs}
     return Capture(values, n_tokens, reducer, n_batches)
+
+
+def _takes_position_ids(model: nn.Module) -> bool:
+    import inspect
+
+    try:
+        return "position_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _quiet(progress: bool | None) -> bool:

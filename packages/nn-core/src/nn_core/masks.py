@@ -1,13 +1,13 @@
 """Neuron masks (forward) and weight masks (gradient), both from selections.
 
-``mask_neurons(model, ns, mode)`` multiplies site activations by a 0/1 vector:
+``mask_neurons(model, ns, mode)`` zeroes site channels given by a 0/1 vector:
 
 * ``lesion``: the selected channels are zeroed, everything else untouched.
 * ``preserve``: only the selected channels pass; for every site the set is about, every
   layer is masked, and a layer with no selected channel is zeroed entirely.
 
-Multiplying by 1.0 is exact in IEEE arithmetic, so unmasked channels are bit-identical to
-an unhooked forward. The handle works as a context manager or stays attached (training)
+Kept channels are not touched (``masked_fill``), so they are bit-identical to an unhooked
+forward, and a masked channel is exactly 0 even where it held inf or NaN. The handle works as a context manager or stays attached (training)
 until ``remove()``; it registers nothing until entered or attached, so it cannot leak.
 
 ``WeightMask`` trains only some rows/columns of weights: gradients of frozen entries are
@@ -78,11 +78,12 @@ class MaskHandle:
         base = self.masks[ref]
 
         def apply(x: torch.Tensor) -> torch.Tensor:
-            key = (ref, x.device, x.dtype)
-            vec = self._cache.get(key)
-            if vec is None:
-                vec = self._cache[key] = base.to(device=x.device, dtype=x.dtype)
-            return x * vec
+            # masked_fill, not a multiply: an inf activation in a masked channel becomes 0,
+            # not NaN (inf * 0), and kept channels are untouched bit for bit.
+            drop = self._cache.get((ref, x.device))
+            if drop is None:
+                drop = self._cache[(ref, x.device)] = base.to(x.device) == 0
+            return x.masked_fill(drop, 0)
         return apply
 
     def attach(self) -> MaskHandle:

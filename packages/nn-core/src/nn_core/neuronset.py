@@ -247,7 +247,14 @@ class NeuronSet:
         if fmt != FORMAT:
             raise NNError(f"not a NeuronSet file (format {fmt!r}, expected {FORMAT!r}): "
                           "foreign formats are read with nn_core.formats")
-        return cls(obj.get("neurons") or {}, obj.get("meta") or {})
+        neurons, meta = obj.get("neurons") or {}, obj.get("meta") or {}
+        if not isinstance(neurons, Mapping) or not isinstance(meta, Mapping):
+            raise NNError("malformed NeuronSet file: 'neurons' and 'meta' must be JSON objects")
+        for key, values in neurons.items():
+            if not isinstance(values, list) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in values):
+                raise NNError(f"malformed NeuronSet file: neurons[{key!r}] must be a list of integers")
+        return cls(neurons, meta)
 
     def save(self, path) -> Path:
         from nn_core.io import atomic_write_json

@@ -37,6 +37,8 @@ class SiteRef:
 
     def __post_init__(self):
         check_site(self.site)
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise NNError(f"layer {self.layer!r} is not a valid layer index: layers count from 0")
 
     def __str__(self) -> str:
         return f"{self.layer}.{self.site}"
