@@ -7,6 +7,7 @@ import torch
 
 from nn_core.errors import NNError
 from nn_core.masks import mask_neurons
+from nn_core.models import TINY_ARCHS
 from nn_core.neuronset import NeuronSet
 from nn_eval import evaluate_lm
 
@@ -208,3 +209,53 @@ def test_token_scores_match_cross_entropy_across_chunks(shape):
     assert torch.allclose(nll.reshape(-1), ref, atol=1e-5)
     assert torch.equal(hit.reshape(-1), logits.reshape(-1, vocab).argmax(-1) == targets.reshape(-1))
     assert bool(hit.view(-1)[0])
+
+
+LONG_TEXT = " ".join(f"word{i} and some filler text to make it long" for i in range(40))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_max_length_beyond_the_position_table_is_clamped_and_reported(tiny, arch):
+    model, tok = tiny(arch)
+    ids = tok(LONG_TEXT)["input_ids"]
+    assert len(ids) > 1024 and model.config.max_position_embeddings == 512
+    res = evaluate_lm(model, tok, [ids], max_length=1024, batch_size=2)
+    ref = evaluate_lm(model, tok, [ids], max_length=512, batch_size=2)
+    assert res["max_length"] == ref["max_length"] == 512
+    assert res["nll"] == pytest.approx(ref["nll"], abs=1e-9) and res["n_tokens"] == len(ids) - 1
+    assert evaluate_lm(model, tok, [ids[:40]], max_length=16)["max_length"] == 16
+    with pytest.raises(NNError, match="clamped to the model's 512 positions"):
+        evaluate_lm(model, tok, [ids], max_length=1024, stride=600)
+
+
+def test_float64_sums_happen_on_the_cpu(tiny, no_float64_logits):
+    model, tok = tiny("llama")
+    ref = evaluate_lm(model, tok, TEXTS, max_length=16, stride=5, batch_size=3)
+    with no_float64_logits(model):
+        res = evaluate_lm(model, tok, TEXTS, max_length=16, stride=5, batch_size=3)
+    assert res == ref
+
+
+def test_allow_empty_reports_no_tokens_instead_of_raising(tiny):
+    model, tok = tiny("llama")
+    with pytest.raises(NNError, match="nothing to score"):
+        evaluate_lm(model, tok, ["x", ""])
+    res = evaluate_lm(model, tok, ["x", ""], allow_empty=True)
+    assert res == {"ppl": None, "nll": None, "token_acc": None, "n_tokens": 0,
+                   "n_sequences": 0, "n_skipped": 2, "max_length": 512}
+    ns = NeuronSet.for_model(model, {(0, "mlp_act"): [1, 2]})
+    both = evaluate_lm(model, tok, ["x"], allow_empty=True, intervention=lambda: mask_neurons(model, ns, "lesion"))
+    assert both["delta"] == {"ppl": None, "nll": None, "token_acc": None}
+    assert both["intervened"]["n_tokens"] == 0
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_matches_labels_loss_on_every_tiny_architecture(tiny, arch):
+    model, tok = tiny(arch)
+    for text in TEXTS[0], TEXTS[5]:
+        ids = tok(text)["input_ids"]
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+        res = evaluate_lm(model, tok, [ids])
+        assert res["nll"] == pytest.approx(ref, abs=1e-5), arch
+        assert res["n_tokens"] == len(ids) - 1

@@ -131,3 +131,49 @@ def test_bad_files(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(NNError, match="unsupported"):
         load_mc(tmp_path / "x.txt")
+
+
+def test_max_length_beyond_the_position_table_is_clamped_and_reported(tiny):
+    model, tok = tiny("gpt2")
+    question = " ".join(f"clause {i} of a very long question" for i in range(30))
+    items = mc_items([{"question": question, "choices": ["yes", "no"], "answer": 0}])
+    assert len(tok(items[0].context)["input_ids"]) > 600
+    res = score_multiple_choice(model, tok, items)  # default max_length 2048 > 512 positions
+    ref = score_multiple_choice(model, tok, items, max_length=512)
+    assert res["max_length"] == ref["max_length"] == 512
+    assert res["items"][0]["lls"] == pytest.approx(ref["items"][0]["lls"], abs=1e-9)
+
+
+def test_float64_sums_happen_on_the_cpu(tiny, no_float64_logits):
+    model, tok = tiny("llama")
+    ref = loglikelihoods(model, tok, [PAIRS[:3], PAIRS[3:]], batch_size=2)
+    with no_float64_logits(model):
+        assert loglikelihoods(model, tok, [PAIRS[:3], PAIRS[3:]], batch_size=2) == ref
+
+
+def test_auto_style_uses_the_mmlu_prompt_for_mmlu_records():
+    # cais/mmlu rows: question, subject, choices (a list) and an integer answer
+    rec = {"question": "2+2?", "subject": "elementary_mathematics", "choices": ["3", "4", "5", "6"],
+           "answer": 1}
+    item = mc_items([rec])[0]
+    assert item.context.startswith("The following are multiple choice questions (with answers) "
+                                   "about elementary mathematics.\n\n2+2?\nA. 3\nB. 4")
+    assert item.choices == ("A", "B", "C", "D") and item.gold == 1
+    both = mc_items([{"question": "q", "choices": ["x", "y"], "A": "x", "B": "y", "answer": 0}])[0]
+    assert both.choices == ("A", "B")
+    assert mc_items([rec], style="plain")[0].choices == ("3", "4", "5", "6")
+    assert mc_items([{k: v for k, v in rec.items() if k != "subject"}])[0].context.startswith("Question:")
+
+
+def test_a_string_answer_that_is_both_an_index_and_a_choice_is_refused():
+    choices = ["1", "2", "3", "4"]
+    with pytest.raises(NNError, match=r"ambiguous.*letter \(B\)"):
+        mc_items([{"question": "1+1?", "choices": choices, "answer": "2"}])
+    with pytest.raises(NNError, match="ambiguous"):  # the letter A, or the text of choice 1
+        mc_items([{"question": "q", "choices": ["B", "A"], "answer": "A"}])
+    # unambiguous forms still work: an int index, a letter, a digit string that is no choice
+    assert mc_items([{"question": "1+1?", "choices": choices, "answer": 1}])[0].gold == 1
+    assert mc_items([{"question": "1+1?", "choices": choices, "answer": "B"}])[0].gold == 1
+    assert mc_items([{"question": "q", "choices": ["x", "y"], "answer": "1"}])[0].gold == 1
+    # both readings agree: "0" is index 0 and the text of choice 0
+    assert mc_items([{"question": "q", "choices": ["0", "5"], "answer": "0"}])[0].gold == 0

@@ -18,6 +18,26 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def position_limit(model: nn.Module) -> int | None:
+    """The longest input the model's position table allows, or None when it names none.
+
+    Read from ``config.max_position_embeddings`` (rotary models too: beyond it they run,
+    but outside the range they were trained on) or ``config.n_positions`` (GPT-2).
+    """
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def effective_max_length(model: nn.Module, max_length: int) -> int:
+    """``max_length`` clamped to the model's :func:`position_limit`."""
+    limit = position_limit(model)
+    return max_length if limit is None else min(max_length, limit)
+
+
 def pad_id_of(tokenizer) -> int:
     """The tokenizer's pad id, else its EOS id, else 0 (padded positions are never scored)."""
     for attr in ("pad_token_id", "eos_token_id"):

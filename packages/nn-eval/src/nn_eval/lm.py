@@ -4,7 +4,7 @@ For a sequence of tokens x_0 .. x_{n-1} a causal LM predicts x_t from x_{<t}, so
 sequence contributes n-1 predicted tokens (fewer where labels are -100). Over all scored
 tokens T of the data,
 
-    nll       = (1/|T|) * sum_{t in T} -log p(x_t | context_t)        (float64 sum)
+    nll       = (1/|T|) * sum_{t in T} -log p(x_t | context_t)        (float64 sum, on CPU)
     ppl       = exp(nll)
     token_acc = (1/|T|) * sum_{t in T} [argmax_v p(v | context_t) == x_t]
 
@@ -26,7 +26,13 @@ from torch import nn
 
 from nn_core.data import tokenize_texts
 from nn_core.errors import NNError
-from nn_eval._model import eval_mode, model_device, pad_id_of, run_with_intervention
+from nn_eval._model import (
+    effective_max_length,
+    eval_mode,
+    model_device,
+    pad_id_of,
+    run_with_intervention,
+)
 
 IGNORE = -100
 _DICT_KEYS = ("input_ids", "labels", "attention_mask")
@@ -49,6 +55,7 @@ def evaluate_lm(
     batch_size: int = 8,
     intervention=None,
     progress: Callable[[int, int], None] | None = None,
+    allow_empty: bool = False,
 ) -> dict:
     """NLL, perplexity and token accuracy of ``model`` on ``data`` (see module docs).
 
@@ -61,18 +68,26 @@ def evaluate_lm(
     ``{"baseline": ..., "intervened": ..., "delta": {"ppl", "nll", "token_acc"}}``
     (delta = intervened - baseline) and the model is left as it was.
     ``progress``: called as ``progress(batches_done, batches_total)``.
+    ``max_length`` is clamped to the model's position limit (``max_position_embeddings``
+    or ``n_positions``); the value used is reported as ``"max_length"``.
 
-    Returns ``{"ppl", "nll", "token_acc", "n_tokens", "n_sequences", "n_skipped"}``;
-    sequences with nothing to score (fewer than 2 tokens, or all labels -100) are
-    skipped and counted in ``n_skipped``.
+    Returns ``{"ppl", "nll", "token_acc", "n_tokens", "n_sequences", "n_skipped",
+    "max_length"}``; sequences with nothing to score (fewer than 2 tokens, or all labels
+    -100) are skipped and counted in ``n_skipped``. When nothing at all is scorable this
+    raises NNError, unless ``allow_empty`` is true: then ``ppl``, ``nll`` and ``token_acc``
+    are None and ``n_tokens`` is 0 (a task with no evaluation tokens, reported as such).
     """
     if max_length < 2:
         raise NNError(f"max_length={max_length} is too small: use at least 2 tokens")
+    requested = max_length
+    max_length = effective_max_length(model, max_length)
+    clamped = "" if max_length == requested else (
+        f" (max_length {requested} was clamped to the model's {max_length} positions)")
     if stride is None:
         stride = max(1, max_length // 2)
     if not 1 <= stride <= max_length - 1:
         raise NNError(
-            f"stride={stride} must be between 1 and max_length-1={max_length - 1} "
+            f"stride={stride} must be between 1 and max_length-1={max_length - 1}{clamped} "
             "so every window scores new tokens with some context"
         )
     if batch_size < 1:
@@ -80,23 +95,28 @@ def evaluate_lm(
     sequences = sequences_from_data(tokenizer, data)
     _check_vocab(model, sequences)
     segments, skipped = make_segments(sequences, max_length, stride)
-    if not segments:
+    if not segments and not allow_empty:
         raise NNError(
             f"nothing to score: all {len(sequences)} sequences have fewer than 2 tokens "
             "or no labelled tokens; pass longer texts"
         )
 
     def run() -> dict:
-        out = _score(model, segments, pad_id_of(tokenizer), batch_size, progress)
+        if segments:
+            out = _score(model, segments, pad_id_of(tokenizer), batch_size, progress)
+        else:
+            out = {"ppl": None, "nll": None, "token_acc": None, "n_tokens": 0}
         out["n_sequences"] = len(sequences) - skipped
         out["n_skipped"] = skipped
+        out["max_length"] = max_length
         return out
 
     if intervention is None:
         return run()
     baseline, changed = run_with_intervention(model, intervention, run)
-    delta = {k: changed[k] - baseline[k] for k in ("ppl", "nll", "token_acc")}
-    return {"baseline": baseline, "intervened": changed, "delta": delta}
+    delta = {k: None if baseline[k] is None else changed[k] - baseline[k]
+             for k in ("ppl", "nll", "token_acc")}
+    return {"baseline": baseline, "intervened": changed, "delta": delta, "max_length": max_length}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -242,7 +262,8 @@ def _score(model, segments: list[_Segment], pad_id: int, batch_size: int, progre
                     f"non-finite logits in batch {b} (sequences {_short(seqs)}): the model "
                     "produced NaN/inf; try --dtype float32 or check the intervention"
                 )
-            total_nll += float(nll.double().sum())
+            # float64 sum on the CPU: some devices (Apple MPS) have no float64.
+            total_nll += float(nll.cpu().double().sum())
             n_correct += int(hit.sum())
             n_tokens += int(tgt.numel())
             if progress is not None:

@@ -26,7 +26,10 @@ Records (local JSONL, JSON or CSV): ``question``, then either a
   ``"The following are multiple choice questions (with answers) about {subject}.\\n\\n"``
   when a ``subject`` field exists) with the letters as choices.
 
-``auto`` picks ``mmlu`` for the letter-column layout and ``plain`` for a ``choices`` list.
+``auto`` picks ``mmlu`` for records with a ``subject`` or letter columns, else ``plain``.
+
+A string answer that reads as an index or a letter and is also the text of a different
+choice (choices ``"1", "2", "3"``, answer ``"2"``) is refused as ambiguous.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import torch
 from torch import nn
 
 from nn_core.errors import NNError
-from nn_eval._model import eval_mode, model_device, pad_id_of
+from nn_eval._model import effective_max_length, eval_mode, model_device, pad_id_of
 
 STYLES = ("auto", "plain", "mmlu")
 LETTERS = string.ascii_uppercase
@@ -75,10 +78,19 @@ def _gold(answer, choices: Sequence[str], where: str) -> int:
         answer = None
     if isinstance(answer, (int, np.integer)) or (isinstance(answer, float) and float(answer).is_integer()):
         idx = int(answer)
-    elif isinstance(answer, str) and answer.strip().isdigit():
-        idx = int(answer.strip())
-    elif isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().upper() in LETTERS:
-        idx = LETTERS.index(answer.strip().upper())
+    elif isinstance(answer, str) and ((answer.strip().isascii() and answer.strip().isdigit()) or (
+            len(answer.strip()) == 1 and answer.strip().upper() in LETTERS)):
+        key = answer.strip()
+        idx = int(key) if key.isascii() and key.isdigit() else LETTERS.index(key.upper())
+        # Also the text of another choice (choices "1", "2", "3", answer "2"): it could
+        # mean either, so refuse to guess.
+        texts = [c.strip() for c in choices]
+        if key in texts and texts.index(key) != idx:
+            raise NNError(
+                f"{where}: answer {answer!r} is ambiguous, an index or letter and also the text "
+                f"of choice {texts.index(key)}: give the letter ({LETTERS[texts.index(key)]}) "
+                "or an integer index (a JSON number)"
+            )
     elif isinstance(answer, str) and answer in choices:
         idx = list(choices).index(answer)
     else:
@@ -116,7 +128,10 @@ def mc_items(records: Sequence, *, style: str = "auto") -> list[MCItem]:
         choices = [str(c) for c in choices]
         gold = _gold(rec["answer"], choices, where)
         question = str(rec["question"])
-        use = style if style != "auto" else ("plain" if "choices" in rec else "mmlu")
+        # The MMLU layout (a subject, or letter columns) gets the MMLU prompt even when a
+        # choices list is given too (as in the hub's cais/mmlu rows).
+        mmlu_like = bool(rec.get("subject")) or len(letters) >= 2
+        use = style if style != "auto" else ("mmlu" if mmlu_like else "plain")
         if use == "plain":
             items.append(MCItem(f"Question: {question}\nAnswer:", tuple(choices), gold))
         else:
@@ -218,9 +233,11 @@ def loglikelihoods(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]]
     """``(log p(continuation | context), is_greedy)`` per ``(context, continuation)`` pair.
 
     ``pairs`` may be grouped (a list of lists): forward rows are shared only within a group.
+    ``max_length`` is clamped to the model's position limit (see ``nn_eval._model``).
     """
     if max_length < 2:
         raise NNError(f"max_length={max_length} is too small: use at least 2 tokens")
+    max_length = effective_max_length(model, max_length)
     if batch_size < 1:
         raise NNError(f"batch_size={batch_size} must be at least 1")
     grouped = [list(g) for g in pairs] if pairs and isinstance(pairs[0], list) else [list(pairs)]
@@ -270,7 +287,8 @@ def loglikelihoods(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]]
                     n = len(req.cont)
                     lp = torch.log_softmax(logits[i, req.end - n : req.end].float(), dim=-1)
                     target = torch.tensor(req.cont, device=lp.device)
-                    ll = lp.gather(1, target[:, None]).double().sum()
+                    # float64 on the CPU: some devices (Apple MPS) have no float64.
+                    ll = lp.gather(1, target[:, None]).cpu().double().sum()
                     if not bool(torch.isfinite(ll)):
                         raise NNError(f"non-finite logits in batch {b}: the model produced NaN/inf; "
                                       "try --dtype float32 or check the intervention")
@@ -283,7 +301,9 @@ def loglikelihoods(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]]
 def score_multiple_choice(model: nn.Module, tokenizer, items: Sequence[MCItem], *,
                           batch_size: int = 8, max_length: int = 2048,
                           progress: Callable[[int, int], None] | None = None) -> dict:
-    """``{"acc", "acc_norm", "n", "items": [{gold, pred, pred_norm, acc, acc_norm, lls}]}``."""
+    """``{"acc", "acc_norm", "n", "max_length", "items": [{gold, pred, pred_norm, acc,
+    acc_norm, lls}]}``; ``max_length`` is the value used after clamping to the model's
+    position limit."""
     if not items:
         raise NNError("no multiple-choice items to score: the data are empty")
     groups = [[(it.context, " " + c) for c in it.choices] for it in items]
@@ -299,5 +319,6 @@ def score_multiple_choice(model: nn.Module, tokenizer, items: Sequence[MCItem], 
         "acc": float(np.mean([p["acc"] for p in per_item])),
         "acc_norm": float(np.mean([p["acc_norm"] for p in per_item])),
         "n": len(per_item),
+        "max_length": effective_max_length(model, max_length),
         "items": per_item,
     }
