@@ -115,6 +115,13 @@ def test_cl_metrics(tmp_path, capsys):
         ({"acc.csv": "task,a,b\na,0.1,\nb,,0.3\n"}, ["cl-metrics", "{d}/acc.csv"], "missing"),
         ({}, ["cl-metrics", "{d}/none.csv"], "does not exist"),
         ({}, ["tasks", "export"], "--out"),
+        ({}, ["mc", *TINY], "mc needs --data"),
+        ({}, ["gen", *TINY], "gen needs --data"),
+        ({"acc.csv": "task,a,b\na,0.5,0.1\nb,0.4,0.3\n", "b.json": '{"a": 0.1, "b": "x"}'},
+         ["cl-metrics", "{d}/acc.csv", "--baseline", "{d}/b.json"], "not a number"),
+        ({"acc.csv": "task,a,b\na,0.5,0.1\nb,0.4,0.3\n", "b.json": '{"a": 0.1, "b": null}'},
+         ["cl-metrics", "{d}/acc.csv", "--baseline", "{d}/b.json"], "baseline must be finite"),
+        ({"acc.json": '{"matrix": [[0.5, null], 3]}'}, ["cl-metrics", "{d}/acc.json"], "list of rows"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, files, argv, match):
@@ -125,3 +132,23 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, files, argv, match):
     err = capsys.readouterr().err.strip()
     assert err.startswith("nn-eval: error:") and "\n" not in err and match in err
     assert "Traceback" not in err
+
+
+def test_required_data_can_come_from_config_or_environment(tmp_path, monkeypatch):
+    data = tmp_path / "mc.jsonl"
+    data.write_text(json.dumps({"question": "q", "choices": ["yes", "no"], "answer": 0}) + "\n")
+    (tmp_path / "mc.yaml").write_text(f"data: {data}\nmax-length: 64\n")
+    assert main(["mc", *TINY, "--config", str(tmp_path / "mc.yaml"), "--out", str(tmp_path / "mc")]) == 0
+    assert read(tmp_path / "mc" / "mc.json")["n"] == 1
+    monkeypatch.setenv("NN_DATA", "task:add")
+    assert main(["gen", *TINY, "--limit", "2", "--max-new-tokens", "2", "--out", str(tmp_path / "gen")]) == 0
+    assert read(tmp_path / "gen" / "gen.json")["data"] == "task:add"
+
+
+def test_ppl_default_max_length_is_clamped_to_the_position_table(tmp_path, capsys):
+    (tmp_path / "long.txt").write_text(" ".join(f"word{i} with filler" for i in range(80)))
+    out = tmp_path / "run"
+    assert main(["ppl", "--model", "tiny-gpt2", "--device", "cpu", "--data", str(tmp_path / "long.txt"),
+                 "--out", str(out)]) == 0  # default --max-length 1024 > 512 positions
+    assert read(out / "ppl.json")["max_length"] == 512
+    assert "used 512" in capsys.readouterr().err

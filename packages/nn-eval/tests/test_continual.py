@@ -122,3 +122,45 @@ def test_heatmap_png(tmp_path):
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     assert list(tmp_path.iterdir()) == [out]
+
+
+def test_a_nan_count_above_the_diagonal_does_not_hide_a_measured_entry():
+    # A[0][1] and A[1][2] were measured; nobody recorded their token counts (NaN).
+    counts = [[10, NAN, NAN], [10, 12, NAN], [10, 12, 9]]
+    r = cl_metrics(A, counts=counts, baseline=[0.5, 0.05, 0.1])
+    assert r["FWT"] == pytest.approx(((0.1 - 0.05) + (0.2 - 0.1)) / 2)
+    assert r["FWT_unavailable"] is None and r["zero_token_entries"] == []
+    # a count of 0 still marks an entry unmeasurable
+    zero = cl_metrics(A, counts=[[10, 0, NAN], [10, 12, NAN], [10, 12, 9]], baseline=[0.5, 0.05, 0.1])
+    assert zero["FWT"] is None and "task1" in zero["FWT_unavailable"]
+
+
+def test_seen_acc_auc_is_unavailable_when_a_boundary_has_no_seen_accuracy():
+    acc = [[0.9, NAN, NAN], [NAN, NAN, NAN], [0.5, 0.7, 0.6]]
+    counts = [[10, 0, 0], [0, 0, 0], [10, 12, 9]]
+    r = cl_metrics(acc, counts=counts)
+    assert r["boundaries"][1]["seen_acc_avg"] is None
+    assert r["seen_acc_auc"] is None and "boundary(ies) 1" in r["seen_acc_auc_unavailable"]
+    assert cl_metrics(A)["seen_acc_auc_unavailable"] is None
+
+
+@pytest.mark.parametrize("baseline", [{"a": "x", "b": 0.1, "c": 0.2}, {"a": 0.1, "b": None, "c": 0.2},
+                                      {"a": 0.1, "b": [1], "c": 0.2}, [0.1, "x", 0.2], 5])
+def test_bad_baseline_values_are_one_line_nnerrors(baseline):
+    with pytest.raises(NNError, match="baseline") as info:
+        cl_metrics(A, baseline=baseline, tasks=["a", "b", "c"])
+    assert "\n" not in str(info.value)
+
+
+def test_baseline_null_for_the_first_task_is_allowed_since_fwt_never_reads_it():
+    r = cl_metrics(A, baseline={"a": None, "b": 0.05, "c": "0.1"}, tasks=["a", "b", "c"])
+    assert r["FWT"] == pytest.approx(((0.1 - 0.05) + (0.2 - 0.1)) / 2)
+
+
+@pytest.mark.parametrize("obj", [{"matrix": [[0.5, None], 7]}, [{"a": 1}, {"b": 2}], {"matrix": "ab"},
+                                 {"matrix": [[0.5]], "tasks": "a"}])
+def test_json_matrix_with_rows_that_are_not_lists(tmp_path, obj):
+    (tmp_path / "m.json").write_text(json.dumps(obj))
+    with pytest.raises(NNError, match="m.json") as info:
+        load_matrix(tmp_path / "m.json")
+    assert "\n" not in str(info.value)

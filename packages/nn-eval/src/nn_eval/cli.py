@@ -58,6 +58,18 @@ def _positive(name: str, value: int | None) -> None:
         raise NNError(f"--{name} must be at least 1, got {value}")
 
 
+def _need_data(args, what: str) -> None:
+    # --data is checked here, not by argparse, so that --config or NN_DATA can supply it.
+    if not args.data:
+        raise NNError(f"{args.command} needs --data {what} (or data: in --config, or NN_DATA)")
+
+
+def _note_clamp(args, used: int) -> None:
+    if used < args.max_length:
+        print(f"note: --max-length {args.max_length} is longer than the model's position table; "
+              f"used {used}", file=sys.stderr)
+
+
 def _finish(out: Path, name: str, result: dict, args, *, model=None, timer=None,
             extra_outputs: list[str] | None = None) -> None:
     from nn_core.cli_common import args_config
@@ -102,6 +114,7 @@ def cmd_ppl(args) -> int:
         res = evaluate_lm(model, tok, texts, max_length=args.max_length, stride=args.stride,
                           batch_size=args.batch_size, intervention=intervention,
                           progress=_progress("ppl"))
+    _note_clamp(args, res["max_length"])
     out = _out_dir(args)
     result = {"model": args.model, "data": args.data, "n_texts": len(texts), **res}
     if args.neurons:
@@ -123,6 +136,7 @@ def cmd_mc(args) -> int:
     from nn_core.manifest import PhaseTimer
     from nn_eval.multiple_choice import load_mc, score_multiple_choice
 
+    _need_data(args, "FILE")
     _positive("limit", args.limit)
     timer = PhaseTimer()
     with timer("data"):
@@ -132,6 +146,7 @@ def cmd_mc(args) -> int:
     with timer("evaluate"):
         res = score_multiple_choice(model, tok, items, batch_size=args.batch_size,
                                     max_length=args.max_length, progress=_progress("mc"))
+    _note_clamp(args, res["max_length"])
     out = _out_dir(args)
     _finish(out, "mc.json", {"model": args.model, "data": args.data, "style": args.style, **res},
             args, model=model, timer=timer)
@@ -156,6 +171,7 @@ def cmd_gen(args) -> int:
     from nn_core.manifest import PhaseTimer
     from nn_eval.generation import exact_match
 
+    _need_data(args, "FILE|task:NAME")
     _positive("limit", args.limit)
     norm = [s.strip() for s in args.normalize.split(",") if s.strip()]
     timer = PhaseTimer()
@@ -236,6 +252,8 @@ def cmd_cl_metrics(args) -> int:
           f"forgetting {fmt(res['final_forgetting'])}  seen_acc_auc {fmt(res['seen_acc_auc'])}")
     if res["FWT_unavailable"]:
         print(f"FWT unavailable: {res['FWT_unavailable']}")
+    if res["seen_acc_auc_unavailable"]:
+        print(f"seen_acc_auc unavailable: {res['seen_acc_auc_unavailable']}")
     print(f"wrote {out / 'cl_metrics.json'}" + (f" and {out / 'accuracy.png'}" if args.plot else ""))
     return 0
 
@@ -267,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ppl)
 
     p = sub.add_parser("mc", help="multiple choice by log-likelihood (acc, acc_norm)")
-    p.add_argument("--data", required=True, metavar="FILE",
-                   help="JSONL/JSON/CSV with question, choices or A-D, answer")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="JSONL/JSON/CSV with question, choices or A-D, answer (required)")
     p.add_argument("--style", choices=("auto", "plain", "mmlu"), default="auto",
                    help="prompt layout (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="score the first N items")
@@ -278,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_mc)
 
     p = sub.add_parser("gen", help="greedy generation scored by exact match")
-    p.add_argument("--data", required=True, metavar="FILE",
-                   help="instruction file (alpaca/sharegpt/dolly/simple) or task:NAME")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="instruction file (alpaca/sharegpt/dolly/simple) or task:NAME (required)")
     p.add_argument("--limit", type=int, default=None, help="score the first N examples")
     p.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")

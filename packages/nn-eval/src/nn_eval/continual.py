@@ -5,7 +5,8 @@
 must be filled; entries above the diagonal are optional (NaN) and only forward transfer
 needs the first super-diagonal ``A[i-1][i]``. An optional count matrix ``C[i][j]`` gives
 the evaluation tokens behind each entry: entries with ``C[i][j] == 0`` are reported as
-such and left out of every average (their value may be NaN).
+such and left out of every average (their value may be NaN); a NaN count (not recorded)
+leaves the entry to A.
 
 Per boundary ``i`` (over valid entries only):
 
@@ -21,7 +22,8 @@ Per boundary ``i`` (over valid entries only):
     seen_acc_auc = (1/(T-1)) * sum_{i=0}^{T-2} (seen_acc_avg_i + seen_acc_avg_{i+1}) / 2
 
 (the trapezoid over the boundary trajectory normalised by the number of intervals;
-``seen_acc_avg_0`` when T = 1). Over T tasks, after Lopez-Paz & Ranzato (2017):
+``seen_acc_avg_0`` when T = 1). When a boundary has no valid seen entry it is ``None``
+with the reason in ``seen_acc_auc_unavailable``. Over T tasks, after Lopez-Paz & Ranzato (2017):
 
     AA  = (1/T)     * sum_{j}         A[T-1][j]
     BWT = (1/(T-1)) * sum_{j<T-1}     (A[T-1][j] - A[j][j])
@@ -83,7 +85,9 @@ def _valid_mask(n: int, counts) -> np.ndarray:
     lower = np.tril(np.ones((n, n), dtype=bool))
     if np.any(~np.isfinite(c[lower])) or np.any(c[lower] < 0):
         raise NNError("the count matrix must hold non-negative token counts in its lower triangle")
-    return ~(np.nan_to_num(c, nan=0.0) == 0)
+    # Only a count of 0 marks an entry unmeasurable: NaN (no count, as above the
+    # diagonal) leaves it to the accuracy matrix whether the entry was measured.
+    return c != 0
 
 
 def _check_lower(m: np.ndarray, valid: np.ndarray, what: str) -> None:
@@ -149,9 +153,14 @@ def cl_metrics(acc_matrix, loss_matrix=None, *, baseline=None, counts=None,
             "zero_token_tasks": [names[j] for j in range(i + 1) if not valid[i, j]],
         })
 
-    trajectory = [b["seen_acc_avg"] for b in boundaries if b["seen_acc_avg"] is not None]
-    if not trajectory:
+    trajectory = [b["seen_acc_avg"] for b in boundaries]
+    gaps = [b["boundary"] for b in boundaries if b["seen_acc_avg"] is None]
+    auc_note = None
+    if gaps:
+        # Skipping a boundary would join non-adjacent points into one trapezoid.
         auc = None
+        auc_note = (f"no seen-task accuracy at boundary(ies) {', '.join(map(str, gaps))} "
+                    "(every seen task has 0 evaluation tokens there)")
     elif len(trajectory) == 1:
         auc = trajectory[0]
     else:
@@ -169,6 +178,7 @@ def cl_metrics(acc_matrix, loss_matrix=None, *, baseline=None, counts=None,
         "final_forgetting": last["forgetting"],
         "final_bwt": last["bwt"],
         "seen_acc_auc": auc,
+        "seen_acc_auc_unavailable": auc_note,
         "AA": last["seen_acc_avg"],
         "BWT": last["bwt"] if n > 1 else None,
         "FWT": fwt,
@@ -200,14 +210,29 @@ def baseline_vector(baseline, tasks: Sequence[str]) -> list[float]:
         if missing:
             raise NNError(f"the baseline has no value for task(s) {', '.join(missing)}: "
                           "give one per task, keyed by the matrix's task names")
-        return [float(baseline[t]) for t in tasks]
-    try:
-        values = [float(v) for v in baseline]
-    except (TypeError, ValueError):
-        raise NNError("the baseline must be a list of numbers or a mapping task -> number") from None
+        return [_baseline_value(baseline[t], f"task {t}") for t in tasks]
+    if isinstance(baseline, (str, bytes)) or not hasattr(baseline, "__iter__"):
+        raise NNError("the baseline must be a list of numbers or a mapping task -> number")
+    values = [_baseline_value(v, f"entry {k}") for k, v in enumerate(baseline)]
     if len(values) != len(tasks):
         raise NNError(f"the baseline has {len(values)} values for {len(tasks)} tasks: give one per task")
     return values
+
+
+def _baseline_value(v, where: str) -> float:
+    # null (JSON) is a missing value, as an empty CSV cell: FWT never reads b[0], and a
+    # missing value where it is needed is reported by _fwt.
+    if v is None:
+        return math.nan
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            pass
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise NNError(f"the baseline value for {where} is {v!r}, not a number: give one "
+                      "accuracy per task (null for none)")
+    return float(v)
 
 
 # --------------------------------------------------------------------------- files
@@ -263,7 +288,13 @@ def load_matrix(path: str | Path) -> tuple[np.ndarray, list[str]]:
             rows, names = obj["matrix"], obj.get("tasks")
         else:
             raise NNError(f"'{path}' must hold a list of rows or an object with 'matrix' (and 'tasks')")
-        rows = [[math.nan if v is None else v for v in row] for row in rows] if isinstance(rows, list) else rows
+        if not isinstance(rows, list) or not all(isinstance(row, list) for row in rows):
+            raise NNError(f"'{path}': the matrix must be a list of rows, each a list of numbers "
+                          "(null for a missing entry)")
+        if names is not None and (not isinstance(names, list)
+                                  or not all(isinstance(t, str) for t in names)):
+            raise NNError(f"'{path}': 'tasks' must be a list of task names")
+        rows = [[math.nan if v is None else v for v in row] for row in rows]
         m = as_matrix(rows)
         return m, _task_names(names, m.shape[0])
     if path.suffix.lower() != ".csv":
