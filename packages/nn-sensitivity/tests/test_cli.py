@@ -76,6 +76,8 @@ def test_config_file_and_flags(tmp_path, capsys):
     (["--topk", "10,100000000"], "larger than the"),
     (["--modules", "nothing_here"], "select no weights"),
     (["--layers", "9"], "out of range"),
+    (["--seeds", "0,-1"], "seed -1 is negative"),
+    (["--mode", "per-layer", "--topk", "100000"], "eligible weights in layer 0"),
 ])
 def test_bad_input_exits_2_with_one_line(flags, message, tmp_path, capsys):
     code = main(["run", *TINY, *flags, "--out", str(tmp_path / "x")])

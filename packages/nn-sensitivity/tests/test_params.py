@@ -77,3 +77,17 @@ def test_empty_filters_raise(llama):
         eligible_params(model, modules="no_such_module")
     with pytest.raises(NNError, match="out of range"):
         eligible_params(model, layers="5")
+
+
+def test_tied_lm_head_needs_include_embeddings_and_is_scored_once():
+    model, _ = load_model("tiny-llama", device="cpu", dtype="float32")
+    untied = {i.name for i in eligible_params(model, include_lm_head=True)}
+    assert "lm_head.weight" in untied  # the untied model keeps its separate head
+    model.lm_head.weight = model.model.embed_tokens.weight  # tie, as tie_word_embeddings does
+    with pytest.raises(NNError, match="LM head is tied to the embeddings.*--include-embeddings"):
+        eligible_params(model, include_lm_head=True)
+    infos = eligible_params(model, include_lm_head=True, include_embeddings=True)
+    shared = [i for i in infos if i.layer is None]
+    assert len(shared) == 1
+    assert shared[0].name == "model.embed_tokens.weight" and shared[0].kind == "embedding"
+    assert shared[0].module == "model.embed_tokens"

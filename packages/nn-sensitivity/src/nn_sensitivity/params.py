@@ -107,7 +107,10 @@ def eligible_params(
 
     ``layers``: decoder block indices (or ``"0-3,7"``); applies to block weights only.
     ``modules``: dotted names matched against whole path components (see module doc).
-    Raises :class:`NNError` when a filter selects nothing, naming what exists.
+    Raises :class:`NNError` when a filter selects nothing, naming what exists, and when
+    ``include_lm_head`` is asked of a model whose LM head is tied to the input embedding
+    unless ``include_embeddings`` is also given (the shared matrix is then listed once,
+    as the embedding).
     """
     ad = get_adapter(model)
     prefix = ad.layers_path + "."
@@ -120,17 +123,26 @@ def eligible_params(
         modules = [m.strip() for m in modules.split(",") if m.strip()]
     patterns = [tuple(m.split(".")) for m in modules] if modules else None
 
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     owners: dict[int, tuple[str, nn.Module, str]] = {}
     for mod_name, mod in model.named_modules():
         for pname, p in mod.named_parameters(recurse=False):
-            owners.setdefault(id(p), (mod_name, mod, pname))
-    emb = model.get_input_embeddings()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            if mod is emb:  # a tied matrix belongs to the embedding, whatever the order
+                owners[id(p)] = (mod_name, mod, pname)
+            else:
+                owners.setdefault(id(p), (mod_name, mod, pname))
+    head_w = getattr(head, "weight", None) if head is not None else None
+    tied = head_w is not None and emb is not None and head_w is getattr(emb, "weight", None)
+    if include_lm_head and tied and not include_embeddings:
+        # One tensor, two roles: scoring it as "the LM head" would label the embedding.
+        raise NNError("the LM head is tied to the embeddings in this model: use "
+                      "--include-embeddings (the shared matrix is scored once, as the embedding)")
     special = set()
     if include_embeddings and emb is not None:
         special.add(id(emb.weight))
-    if include_lm_head and head is not None and getattr(head, "weight", None) is not None:
-        special.add(id(head.weight))
+    if include_lm_head and head_w is not None:
+        special.add(id(head_w))
 
     candidates: list[ParamInfo] = []
     for name, p in model.named_parameters():

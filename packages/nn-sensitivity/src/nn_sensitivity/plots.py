@@ -28,27 +28,38 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _finite(value) -> bool:
+    return value is not None and bool(np.isfinite(value))
+
+
 def delta_ppl_vs_k(rows: Sequence[Mapping], path: Path, *, title: str) -> Path:
-    """ΔPPL against K (log x axis) for top-K and each control."""
+    """ΔPPL against K (log x axis) for top-K and each control. Rows whose perturbed model
+    gave inf/NaN logits (``delta.ppl`` None or inf) are drawn as triangles on the top edge."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     try:
-        finite = [r["delta"]["ppl"] for r in rows if np.isfinite(r["delta"]["ppl"])]
+        finite = [r["delta"]["ppl"] for r in rows if _finite(r["delta"]["ppl"])]
+        top = max(0.05, 3 * max(finite)) if finite else 1.0
         for kind in ("top_k", "random_k", "bottom_k"):
-            pts = sorted((r["k"], r["delta"]["ppl"]) for r in rows if r["selection"] == kind)
+            mine = [r for r in rows if r["selection"] == kind]
+            pts = sorted((r["k"], r["delta"]["ppl"]) for r in mine if _finite(r["delta"]["ppl"]))
             if pts:
                 ks, d = zip(*pts, strict=True)
                 ax.plot(ks, d, marker="o", label=kind, color=_COLORS[kind])
+            bad = sorted(r["k"] for r in mine if not _finite(r["delta"]["ppl"]))
+            if bad:
+                ax.plot(bad, [top] * len(bad), linestyle="none", marker="^", markersize=9,
+                        color=_COLORS[kind], clip_on=False,
+                        label=f"{kind}: non-finite (ppl = inf)")
         ax.set_xscale("log")
         # symlog: the controls' tiny changes and the top-K's huge ones on one axis
         ax.set_yscale("symlog", linthresh=0.01)
-        if finite:
-            ax.set_ylim(min(-0.05, 3 * min(finite)), max(0.05, 3 * max(finite)))
+        ax.set_ylim(min([-0.05] + [3 * v for v in finite]), top)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel("K (weights perturbed)")
         ax.set_ylabel("Δ perplexity (held-out)")
         ax.set_title(title, fontsize=10)
-        ax.legend()
+        ax.legend(fontsize=8)
         ax.grid(alpha=0.3, which="both")
         return _save(fig, path)
     finally:

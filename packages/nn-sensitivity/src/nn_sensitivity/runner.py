@@ -88,6 +88,9 @@ class StudyConfig:
         if not self.seeds:
             raise NNError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
         self.seeds = list(dict.fromkeys(self.seeds))
+        negative = [s for s in self.seeds if s < 0]
+        if negative:
+            raise NNError(f"seed {negative[0]} is negative: --seeds takes integers >= 0, e.g. 0,1,2")
         for name in ("calib_blocks", "block_len", "batch_size", "eval_tokens", "eval_len",
                      "probes"):
             if getattr(self, name) < 1:
@@ -142,10 +145,71 @@ class _Data:
 
     def batches_for(self, seed: int) -> list[dict]:
         """This rank's calibration batches for ``seed`` (blocks are full: no padding)."""
-        chosen = dist.shard(self.blocks_for(seed).tolist())
-        rows = self.calib[torch.as_tensor(chosen, dtype=torch.long)]
-        bs = self.cfg.batch_size
-        return [{"input_ids": rows[i:i + bs]} for i in range(0, rows.shape[0], bs)]
+        return calibration_batches(self.calib, self.blocks_for(seed).tolist(),
+                                   self.cfg.batch_size)
+
+
+def calibration_batches(calib: torch.Tensor, blocks: Sequence[int], batch_size: int, *,
+                        ws: int | None = None, rk: int | None = None) -> list[dict]:
+    """The calibration batches of rank ``rk`` out of ``ws`` (default: this process).
+
+    All chosen ``blocks`` are grouped into batches of ``batch_size`` first and the batches
+    are then dealt round robin to the ranks, so every batch holds the same blocks whatever
+    the world size: per-batch metrics (``grad_squared`` squares each batch's gradient) then
+    give the same sums under data parallelism as in one process.
+    """
+    rows = calib[torch.as_tensor(list(blocks), dtype=torch.long)]
+    batches = [{"input_ids": rows[i:i + batch_size]} for i in range(0, rows.shape[0], batch_size)]
+    world = dist.world_size() if ws is None else ws
+    if len(batches) < world:
+        raise NNError(f"{len(batches)} calibration batches cannot be shared by {world} processes: "
+                      "raise --calib-blocks or lower --batch-size")
+    return dist.shard(batches, ws=world, rk=rk)
+
+
+def check_k_fits(params, k: int, mode: str) -> None:
+    """Raise :class:`NNError` before any scoring when ``k`` exceeds the eligible weights
+    (``global``) or the eligible weights of some decoder block (``per-layer``)."""
+    if mode != "per-layer":
+        n = sum(p.numel for p in params)
+        if k > n:
+            raise NNError(f"K={k} is larger than the {n} eligible weights: "
+                          "pick a smaller --topk or widen the filters")
+        return
+    sizes: dict[str, int] = {}
+    for p in params:
+        sizes[p.group] = sizes.get(p.group, 0) + p.numel
+    group, n = min(sizes.items(), key=lambda kv: kv[1])
+    if k > n:
+        raise NNError(f"K={k} is larger than the {n} eligible weights in {group} (per-layer mode): "
+                      "pick a smaller --topk or widen the filters")
+
+
+_METRICS = ("ppl", "nll", "token_acc")
+
+
+def _measure_perturbed(model, tokenizer, data: torch.Tensor, cfg: StudyConfig, ws,
+                       seed: int) -> tuple[dict, dict]:
+    """Evaluate with ``ws`` perturbed; returns (perturbation info, result). A perturbation
+    that drives the logits to inf/NaN (an exponent bit flip) is a finding, not a failure:
+    its result is ``{"ppl": None, "nll": None, "token_acc": None, "non_finite": True}``
+    (JSON has no inf). The weights are restored either way (``perturbed`` restores in its
+    ``finally``)."""
+    from nn_eval.lm import NonFiniteLogits
+
+    with perturbed(model, ws, cfg.perturb, scale=cfg.perturb_scale,
+                   absolute=cfg.perturb_absolute, bit=cfg.bit, prob=cfg.prob,
+                   seed=seed) as info:
+        try:
+            res = dict(_evaluate(model, tokenizer, data, cfg))
+            res["non_finite"] = False
+        except NonFiniteLogits:
+            res = {m: None for m in _METRICS} | {"non_finite": True}
+    return info, res
+
+
+def _delta(res: dict, baseline: dict) -> dict:
+    return {m: None if res[m] is None else res[m] - baseline[m] for m in _METRICS}
 
 
 def _evaluate(model, tokenizer, data: torch.Tensor, cfg: StudyConfig) -> dict:
@@ -174,7 +238,7 @@ def run_study(cfg: StudyConfig, *, model=None, tokenizer=None, progress: bool | 
     """
     from tqdm.auto import tqdm
 
-    from nn_core.io import atomic_write_json, atomic_write_text
+    from nn_core.io import atomic_dir, atomic_write_json, atomic_write_text
     from nn_core.manifest import PhaseTimer, write_manifest
     from nn_core.models import load_model
 
@@ -195,9 +259,7 @@ def run_study(cfg: StudyConfig, *, model=None, tokenizer=None, progress: bool | 
                                  include_lm_head=cfg.include_lm_head, layers=cfg.layers,
                                  modules=cfg.modules)
         n_eligible = sum(p.numel for p in params)
-        if cfg.topk[-1] > n_eligible:
-            raise NNError(f"K={cfg.topk[-1]} is larger than the {n_eligible} eligible weights: "
-                          "pick a smaller --topk or widen the filters")
+        check_k_fits(params, cfg.topk[-1], cfg.mode)
         data = _Data(cfg, tokenizer)
     say(f"nn-sensitivity: {cfg.model}, {len(params)} tensors / {n_eligible:,} eligible weights, "
         f"metric {cfg.metric}, {cfg.calib_blocks}x{cfg.block_len} calibration tokens per seed, "
@@ -232,86 +294,88 @@ def run_study(cfg: StudyConfig, *, model=None, tokenizer=None, progress: bool | 
     if not main_rank:
         return {}
 
-    with timer("write_rankings"):
-        rdir = out / "rankings"
-        for kind, r in rankings.items():
-            for k in cfg.topk:
-                r.prefix(k).to_weightset().save(rdir / f"{kind}_k{k}.safetensors")
-        atomic_write_text(rdir / "top_k.csv", _csv_text(rankings["top_k"].rows(cfg.csv_rows)))
-        for ctrl in cfg.controls:
-            atomic_write_text(rdir / f"{ctrl}.csv", _csv_text(rankings[ctrl].rows(cfg.csv_rows)))
+    # Everything is built in a temporary sibling folder and swapped in whole at the end:
+    # a failed run leaves the previous results untouched, a finished one never mixes with them.
+    with atomic_dir(out) as tmp:
+        with timer("write_rankings"):
+            rdir = tmp / "rankings"
+            for kind, r in rankings.items():
+                for k in cfg.topk:
+                    r.prefix(k).to_weightset().save(rdir / f"{kind}_k{k}.safetensors")
+            atomic_write_text(rdir / "top_k.csv", _csv_text(rankings["top_k"].rows(cfg.csv_rows)))
+            for ctrl in cfg.controls:
+                atomic_write_text(rdir / f"{ctrl}.csv",
+                                  _csv_text(rankings[ctrl].rows(cfg.csv_rows)))
 
-    jobs = [(k, kind) for k in cfg.topk for kind in rankings]
-    rows = []
-    with timer("evaluate"):
-        baseline = _evaluate(model, tokenizer, data.eval, cfg)
-        bar = tqdm(jobs, desc="perturb+evaluate", disable=_quiet(progress), leave=False)
-        for k, kind in bar:
-            ws = rankings[kind].prefix(k).to_weightset()
-            start = time.perf_counter()
-            with perturbed(model, ws, cfg.perturb, scale=cfg.perturb_scale,
-                           absolute=cfg.perturb_absolute, bit=cfg.bit, prob=cfg.prob,
-                           seed=seed0) as info:
-                res = _evaluate(model, tokenizer, data.eval, cfg)
-            rows.append({
-                "selection": kind, "k": k, "n_weights": info["n_weights"],
-                "n_changed": info["n_changed"],
-                "ppl": res["ppl"], "nll": res["nll"], "token_acc": res["token_acc"],
-                "delta": {m: res[m] - baseline[m] for m in ("ppl", "nll", "token_acc")},
-                "score_mean": float(np.mean(rankings[kind].prefix(k).score)),
-                "seconds": time.perf_counter() - start,
-            })
+        jobs = [(k, kind) for k in cfg.topk for kind in rankings]
+        rows = []
+        with timer("evaluate"):
+            baseline = _evaluate(model, tokenizer, data.eval, cfg)
+            bar = tqdm(jobs, desc="perturb+evaluate", disable=_quiet(progress), leave=False)
+            for k, kind in bar:
+                ws = rankings[kind].prefix(k).to_weightset()
+                start = time.perf_counter()
+                info, res = _measure_perturbed(model, tokenizer, data.eval, cfg, ws, seed0)
+                rows.append({
+                    "selection": kind, "k": k, "n_weights": info["n_weights"],
+                    "n_changed": info["n_changed"],
+                    "ppl": res["ppl"], "nll": res["nll"], "token_acc": res["token_acc"],
+                    "non_finite": res["non_finite"],
+                    "delta": _delta(res, baseline),
+                    "score_mean": float(np.mean(rankings[kind].prefix(k).score)),
+                    "seconds": time.perf_counter() - start,
+                })
 
-    stability = {"enabled": bool(stab_sets), "seeds": list(stab_sets), "k": cfg.topk}
-    if stab_sets:
-        seeds = list(stab_sets)
-        mats = {k: jaccard_matrix([stab_sets[s][k] for s in seeds]) for k in cfg.topk}
-        shared = shared_fraction({s: data.blocks_for(s) for s in seeds})
-        stability.update({
-            "jaccard": {str(k): m.tolist() for k, m in mats.items()},
-            "summary": {str(k): summarise(m) for k, m in mats.items()},
-            "calibration_blocks_shared": shared.tolist(),
-            "calibration_blocks": {str(s): data.blocks_for(s).tolist() for s in seeds},
-        })
-    elif cfg.stability:
-        stability["note"] = "rank stability needs at least two --seeds"
-
-    results = {
-        "format": "nn.sensitivity-results/1",
-        "model": cfg.model,
-        "metric": cfg.metric,
-        "metric_info": score_info,
-        "mode": cfg.mode,
-        "perturbation": {"kind": cfg.perturb, "scale": cfg.perturb_scale,
-                         "absolute": cfg.perturb_absolute, "bit": cfg.bit, "prob": cfg.prob,
-                         "seed": seed0},
-        "eligible": {"tensors": len(params), "weights": n_eligible},
-        "data": {"spec": cfg.data, "documents": {"calibration": data.n_docs[0],
-                                                 "heldout": data.n_docs[1]},
-                 "calibration_tokens_per_seed": cfg.calib_blocks * cfg.block_len,
-                 "heldout_tokens": int(data.eval.numel())},
-        "baseline": baseline,
-        "results": rows,
-    }
-    with timer("write"):
-        atomic_write_json(out / "perturbation_results.json", results)
-        atomic_write_json(out / "stability.json", stability)
-        atomic_write_json(out / "rankings" / "score_histograms.json", hist)
-        from nn_sensitivity import plots
-
-        title = f"{cfg.model} · {cfg.metric} · {cfg.perturb} · {cfg.mode}"
-        plots.delta_ppl_vs_k(rows, out / "plots" / "delta_ppl_vs_k.png", title=title)
-        plots.layer_histograms(hist, out / "plots" / "score_histograms.png",
-                               title=f"{cfg.model} · {cfg.metric} scores per layer")
+        stability = {"enabled": bool(stab_sets), "seeds": list(stab_sets), "k": cfg.topk}
         if stab_sets:
-            plots.stability_heatmap(list(stab_sets), {k: np.asarray(v) for k, v in
-                                                      ((k, stability["jaccard"][str(k)])
-                                                       for k in cfg.topk)},
-                                    out / "plots" / "stability_heatmap.png",
-                                    title=f"top-K Jaccard across calibration seeds ({cfg.metric})")
-    write_manifest(out, config=asdict(cfg), model=model, model_spec=cfg.model,
-                   seeds={"seeds": cfg.seeds, "split_seed": cfg.split_seed}, phases=timer,
-                   extra={"world_size": dist.world_size()})
+            seeds = list(stab_sets)
+            mats = {k: jaccard_matrix([stab_sets[s][k] for s in seeds]) for k in cfg.topk}
+            shared = shared_fraction({s: data.blocks_for(s) for s in seeds})
+            stability.update({
+                "jaccard": {str(k): m.tolist() for k, m in mats.items()},
+                "summary": {str(k): summarise(m) for k, m in mats.items()},
+                "calibration_blocks_shared": shared.tolist(),
+                "calibration_blocks": {str(s): data.blocks_for(s).tolist() for s in seeds},
+            })
+        elif cfg.stability:
+            stability["note"] = "rank stability needs at least two --seeds"
+
+        results = {
+            "format": "nn.sensitivity-results/1",
+            "model": cfg.model,
+            "metric": cfg.metric,
+            "metric_info": score_info,
+            "mode": cfg.mode,
+            "perturbation": {"kind": cfg.perturb, "scale": cfg.perturb_scale,
+                             "absolute": cfg.perturb_absolute, "bit": cfg.bit, "prob": cfg.prob,
+                             "seed": seed0},
+            "eligible": {"tensors": len(params), "weights": n_eligible},
+            "data": {"spec": cfg.data, "documents": {"calibration": data.n_docs[0],
+                                                     "heldout": data.n_docs[1]},
+                     "calibration_tokens_per_seed": cfg.calib_blocks * cfg.block_len,
+                     "heldout_tokens": int(data.eval.numel())},
+            "baseline": baseline,
+            "results": rows,
+        }
+        with timer("write"):
+            atomic_write_json(tmp / "perturbation_results.json", results)
+            atomic_write_json(tmp / "stability.json", stability)
+            atomic_write_json(tmp / "rankings" / "score_histograms.json", hist)
+            from nn_sensitivity import plots
+
+            title = f"{cfg.model} · {cfg.metric} · {cfg.perturb} · {cfg.mode}"
+            plots.delta_ppl_vs_k(rows, tmp / "plots" / "delta_ppl_vs_k.png", title=title)
+            plots.layer_histograms(hist, tmp / "plots" / "score_histograms.png",
+                                   title=f"{cfg.model} · {cfg.metric} scores per layer")
+            if stab_sets:
+                plots.stability_heatmap(
+                    list(stab_sets),
+                    {k: np.asarray(stability["jaccard"][str(k)]) for k in cfg.topk},
+                    tmp / "plots" / "stability_heatmap.png",
+                    title=f"top-K Jaccard across calibration seeds ({cfg.metric})")
+        write_manifest(tmp, config=asdict(cfg), model=model, model_spec=cfg.model,
+                       seeds={"seeds": cfg.seeds, "split_seed": cfg.split_seed}, phases=timer,
+                       extra={"world_size": dist.world_size()})
     summary = {"results": results, "stability": stability, "phases": dict(timer.phases),
                "out": str(out)}
     say(format_summary(summary))
@@ -323,7 +387,7 @@ def evaluate_weightset(cfg: StudyConfig, weights: str | Path, *, model=None, tok
     """Perturb a saved :class:`WeightSet` (e.g. ``rankings/top_k_k100.safetensors``) in
     ``cfg.model`` and measure the held-out change; writes ``evaluation.json`` and
     ``manifest.json`` under ``cfg.out``. A set made for another model is an NNError."""
-    from nn_core.io import atomic_write_json
+    from nn_core.io import atomic_dir, atomic_write_json
     from nn_core.manifest import PhaseTimer, write_manifest
     from nn_core.models import load_model
     from nn_core.weightset import WeightSet
@@ -338,10 +402,7 @@ def evaluate_weightset(cfg: StudyConfig, weights: str | Path, *, model=None, tok
         data = _Data(cfg, tokenizer)
     with timer("evaluate"):
         baseline = _evaluate(model, tokenizer, data.eval, cfg)
-        with perturbed(model, ws, cfg.perturb, scale=cfg.perturb_scale,
-                       absolute=cfg.perturb_absolute, bit=cfg.bit, prob=cfg.prob,
-                       seed=cfg.seeds[0]) as info:
-            res = _evaluate(model, tokenizer, data.eval, cfg)
+        info, res = _measure_perturbed(model, tokenizer, data.eval, cfg, ws, cfg.seeds[0])
     out = {
         "format": "nn.sensitivity-evaluation/1", "model": cfg.model, "weights": str(weights),
         "weightset": {"n_weights": len(ws), "method": ws.meta.get("method"),
@@ -350,15 +411,18 @@ def evaluate_weightset(cfg: StudyConfig, weights: str | Path, *, model=None, tok
                          "absolute": cfg.perturb_absolute, "bit": cfg.bit, "prob": cfg.prob,
                          "seed": cfg.seeds[0], "n_changed": info["n_changed"]},
         "baseline": baseline, "perturbed": res,
-        "delta": {m: res[m] - baseline[m] for m in ("ppl", "nll", "token_acc")},
+        "delta": _delta(res, baseline),
     }
-    atomic_write_json(Path(cfg.out) / "evaluation.json", out)
-    write_manifest(cfg.out, config={**asdict(cfg), "weights": str(weights)}, model=model,
-                   model_spec=cfg.model, seeds={"seeds": cfg.seeds}, phases=timer)
+    with atomic_dir(cfg.out) as tmp:
+        atomic_write_json(tmp / "evaluation.json", out)
+        write_manifest(tmp, config={**asdict(cfg), "weights": str(weights)}, model=model,
+                       model_spec=cfg.model, seeds={"seeds": cfg.seeds}, phases=timer)
     if echo is not None:
         d = out["delta"]
-        echo(f"{len(ws):,} weights, {cfg.perturb}: ppl {baseline['ppl']:.3f} -> {res['ppl']:.3f} "
-             f"(ΔPPL {d['ppl']:+.3f}, ΔNLL {d['nll']:+.4f}, Δacc {d['token_acc']:+.4f}) "
+        change = ("non-finite logits (ppl inf)" if res["non_finite"] else
+                  f"ppl {baseline['ppl']:.3f} -> {res['ppl']:.3f} (ΔPPL {d['ppl']:+.3f}, "
+                  f"ΔNLL {d['nll']:+.4f}, Δacc {d['token_acc']:+.4f})")
+        echo(f"{len(ws):,} weights, {cfg.perturb}: {change} "
              f"on {baseline['n_tokens']:,} held-out tokens; written to {cfg.out}/evaluation.json")
     return out
 
@@ -378,8 +442,14 @@ def format_summary(summary: dict) -> str:
     ]
     for r in res["results"]:
         d = r["delta"]
+        if r.get("non_finite"):
+            lines.append(f"{r['k']:>7}  {r['selection']:<9}  {'non-finite':>10}  {'inf':>10}  "
+                         f"{'inf':>8}  {'n/a':>8}")
+            continue
         lines.append(f"{r['k']:>7}  {r['selection']:<9}  {r['ppl']:>10.3f}  {d['ppl']:>+10.3f}  "
                      f"{d['nll']:>+8.4f}  {d['token_acc']:>+8.4f}")
+    if any(r.get("non_finite") for r in res["results"]):
+        lines.append("non-finite: the perturbed model produced inf/NaN logits (ppl = inf)")
     if stab.get("enabled"):
         lines.append("")
         parts = [f"K={k}: {stab['summary'][str(k)]['mean']:.3f}" for k in stab["k"]]
