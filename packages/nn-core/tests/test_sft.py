@@ -154,3 +154,49 @@ def test_weight_mask_callback_keeps_frozen_entries_bit_identical(tmp_path):
     assert not torch.equal(after[~frozen], before[~frozen])
     # non-target modules are frozen with method=full
     assert not dict(res.model.named_parameters())["model.layers.0.mlp.up_proj.weight"].requires_grad
+
+
+def test_negative_seed_rejected():
+    with pytest.raises(NNError, match="--seed must be 0 or more"):
+        SFTConfig(seed=-3).check()
+
+
+def test_lora_init_follows_the_training_seed(tmp_path):
+    """prepare_model seeds PEFT's random A: same seed, same initial adapter, whatever the
+    global RNG state was before."""
+    inits = []
+    for noise in (1, 2, 2):
+        torch.manual_seed(noise)
+        model, _ = load_model("tiny-llama")
+        wrapped = prepare_model(model, cfg(tmp_path, seed=5 if len(inits) < 2 else 6))
+        inits.append({n: p.detach().clone() for n, p in wrapped.named_parameters() if "lora_A" in n})
+    assert inits[0] and all(torch.equal(inits[0][n], inits[1][n]) for n in inits[0])
+    assert not all(torch.equal(inits[0][n], inits[2][n]) for n in inits[0])
+
+
+def test_resume_refuses_another_runs_checkpoint(tmp_path):
+    from nn_core.sft import FINGERPRINT_FILE, run_fingerprint
+
+    config = cfg(tmp_path, max_steps=2, save_steps=1)
+    model, tok = load_model("tiny-llama")
+    fp = run_fingerprint(config, {"data": "a"})
+    train(build_trainer(model, tok, EXAMPLES, config), config, fingerprint=fp)
+    assert json.loads((tmp_path / FINGERPRINT_FILE).read_text())["hash"] == fp["hash"]
+    longer = cfg(tmp_path, max_steps=3, save_steps=1, lora_r=4)
+    model, tok = load_model("tiny-llama")
+    other = run_fingerprint(longer, {"data": "b"})
+    with pytest.raises(NNError, match=r"different run \(config.lora_r, config.max_steps, data differ\): "
+                                      "use a fresh --out or --no-resume"):
+        train(build_trainer(model, tok, EXAMPLES, longer), longer, fingerprint=other)
+    # the same run resumes; --no-resume starts over and records the new fingerprint
+    model, tok = load_model("tiny-llama")
+    res = train(build_trainer(model, tok, EXAMPLES, longer), longer, fingerprint=other, resume=False)
+    assert res.resumed_from is None
+    assert json.loads((tmp_path / FINGERPRINT_FILE).read_text())["hash"] == other["hash"]
+
+
+def test_checkpoint_without_fingerprint_is_not_resumed(tmp_path):
+    from nn_core.sft import check_fingerprint, run_fingerprint
+
+    with pytest.raises(NNError, match="no run_fingerprint.json.*use a fresh --out or --no-resume"):
+        check_fingerprint(tmp_path, run_fingerprint(SFTConfig()))

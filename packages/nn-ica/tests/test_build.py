@@ -86,3 +86,16 @@ def test_bad_settings():
         BuildConfig(site="resid").check()
     with pytest.raises(NNError, match="must exceed --pca-components"):
         BuildConfig(max_tokens=50, pca_components=100).check()
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(seed=-1), "--seed must be 0 or more"),
+    (dict(percentile=100.0), r"--percentile must be in \[0, 100\)"),
+    (dict(percentile=-0.5), r"--percentile must be in \[0, 100\)"),
+    (dict(tol=0.0), "--tol must be positive"),
+    (dict(max_iter=0), "--max-iter must be at least 1"),
+])
+def test_bad_numbers_rejected_before_any_work(kw, msg):
+    """Rejected by check(), i.e. before capture/PCA/ICA: no model is needed to see it."""
+    with pytest.raises(NNError, match=msg):
+        BuildConfig(**kw).check()

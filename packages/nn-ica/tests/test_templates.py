@@ -132,3 +132,25 @@ def test_match_pairs_by_iou(tiny):
     mlp_out = Templates({**a.metadata, "site": "mlp_out"}, [])
     with pytest.raises(NNError, match="site mlp_act with templates of site mlp_out"):
         match_templates(a, mlp_out)
+
+
+def test_neurons_as_list_and_non_utf8_are_one_line_errors(tmp_path):
+    bad = tmp_path / "list.json"
+    bad.write_text(json.dumps({"format": FORMAT, "metadata": {},
+                               "components": [{"id": 0, "neurons": [[1, 2]]}]}))
+    with pytest.raises(NNError, match="'neurons' must map layer to channel list") as err:
+        Templates.load(bad)
+    assert "\n" not in str(err.value)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"format": "nn.ica-templates/1", "metadata": {"model_id": "caf\xe9"}, "components": []}')
+    with pytest.raises(NNError, match="is not UTF-8 text"):
+        Templates.load(latin)
+
+
+def test_neuronset_records_the_analysed_layers(tiny):
+    model, _ = tiny
+    t = make_templates(model)
+    assert "layers" not in t.neuronset([0]).meta  # the templates do not say: no scope
+    scoped = Templates({**t.metadata, "layers": [1, 0]}, t.components)
+    assert scoped.neuronset([1]).meta["layers"] == [0, 1]
+    assert scoped.neuronset([1], model=model).meta["layers"] == [0, 1]

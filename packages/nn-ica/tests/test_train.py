@@ -6,6 +6,7 @@ import torch
 
 from nn_core.adapters import get_adapter
 from nn_core.data import Example
+from nn_core.errors import NNError
 from nn_core.models import load_model
 from nn_core.sft import SFTConfig, base_model
 from nn_core.sites import model_signature
@@ -97,3 +98,86 @@ def test_full_without_freeze_weight_decay_moves_masked_rows(tmp_path):
     w1 = dict(res.model.named_parameters())[name].detach()
     masked = ~channel_mask(128, 1, "preserve")
     assert not torch.equal(w1[:, masked], w0[:, masked])  # zero gradient, but AdamW decay
+
+
+def test_resume_of_another_run_refused_and_mask_kept(tmp_path):
+    model, tok = load_model("tiny-llama")
+    t = templates_for(model)
+    masked_finetune(model, tok, EXAMPLES, t, [0], cfg(tmp_path, method="lora", save_steps=1), mode="lesion")
+    mask_before = (tmp_path / "mask.json").read_bytes()
+    model, tok = load_model("tiny-llama")
+    with pytest.raises(NNError, match=r"different run \(mode differ\): use a fresh --out or --no-resume"):
+        masked_finetune(model, tok, EXAMPLES, t, [0], cfg(tmp_path, method="lora", save_steps=1), mode="preserve")
+    # the failed run did not replace the mask that belongs to the adapter in the folder
+    assert (tmp_path / "mask.json").read_bytes() == mask_before
+    model, tok = load_model("tiny-llama")
+    with pytest.raises(NNError, match="freeze_masked differ"):
+        masked_finetune(model, tok, EXAMPLES, t, [0], cfg(tmp_path, method="lora", save_steps=1),
+                        mode="lesion", freeze_masked=True)
+
+
+def test_mask_json_written_only_after_a_successful_save(tmp_path, monkeypatch):
+    import nn_core.io
+
+    model, tok = load_model("tiny-llama")
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(nn_core.io, "atomic_dir", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        masked_finetune(model, tok, EXAMPLES, templates_for(model), [0], cfg(tmp_path, method="lora"))
+    assert not (tmp_path / "mask.json").exists()
+
+
+def test_site_other_than_the_templates_names_both(tmp_path):
+    model, tok = load_model("tiny-llama")
+    with pytest.raises(NNError, match="site mlp_act, not site mlp_out"):
+        masked_finetune(model, tok, EXAMPLES, templates_for(model), [0], cfg(tmp_path), site="mlp_out")
+    assert not (tmp_path / "mask.json").exists()
+
+
+def test_lora_masked_channels_get_zero_gradient(tmp_path):
+    """No freeze, no weight decay: A[:, j] of a lesioned channel j never receives a gradient,
+    so it stays bit-identical to its (random) initial value while other columns train."""
+    from transformers import TrainerCallback
+
+    initial = {}
+
+    class Grab(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            for layer in range(2):
+                a = get_adapter(base_model(model)).down_proj(layer).lora_A["default"].weight
+                initial[layer] = a.detach().clone()
+
+    model, tok = load_model("tiny-llama")
+    res = masked_finetune(model, tok, EXAMPLES, templates_for(model), [0],
+                          cfg(tmp_path, method="lora", weight_decay=0.0), mode="lesion", callbacks=[Grab()])
+    for layer in range(2):
+        a = get_adapter(base_model(res.model)).down_proj(layer).lora_A["default"].weight.detach()
+        lesioned = torch.as_tensor(NET[layer])
+        assert initial[layer][:, lesioned].abs().sum() > 0  # random init, not trivially zero
+        assert torch.equal(a[:, lesioned], initial[layer][:, lesioned])
+        others = channel_mask(128, layer, "lesion")
+        assert not torch.equal(a[:, others], initial[layer][:, others])
+
+
+def test_lora_freeze_on_gpt2_conv1d(tmp_path):
+    """GPT-2's Conv1D (fan_in_fan_out): the merged delta, in the weight's (in, out) layout,
+    is exactly zero on the rows of masked channels."""
+    model, tok = load_model("tiny-gpt2")
+    ad = get_adapter(model)
+    dim = ad.neuron_dim()
+    before = [ad.down_weight(i).detach().clone() for i in range(2)]
+    res = masked_finetune(model, tok, EXAMPLES, templates_for(model), [0], cfg(tmp_path, method="lora"),
+                          mode="preserve", freeze_masked=True)
+    ad = get_adapter(base_model(res.model))
+    for layer in range(2):
+        mod = ad.down_proj(layer)
+        delta = mod.get_delta_weight("default")
+        assert delta.shape == before[layer].shape
+        passes = channel_mask(128, layer, "preserve")
+        masked = torch.nonzero(~passes).flatten()
+        assert torch.equal(delta.index_select(dim, masked), torch.zeros_like(delta.index_select(dim, masked)))
+        kept = torch.nonzero(passes).flatten()
+        assert delta.index_select(dim, kept).abs().sum() > 0

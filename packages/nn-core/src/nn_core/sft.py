@@ -85,6 +85,8 @@ class SFTConfig:
             raise NNError("--batch-size and --grad-accum must be at least 1")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise NNError("nothing to train: give --epochs > 0 or --max-steps > 0")
+        if int(self.seed) < 0:
+            raise NNError(f"--seed must be 0 or more, got {self.seed}")
         return self
 
     def to_dict(self) -> dict:
@@ -188,6 +190,10 @@ def prepare_model(model: nn.Module, config: SFTConfig) -> nn.Module:
     elif quantized:
         raise NNError("the model is quantized: use --method qlora (LoRA on a frozen quantized model)")
     targets = resolve_target_modules(model, config)
+    from nn_core.device import seed_everything
+
+    # LoRA A is drawn at random when PEFT wraps the model: seed it so a run is reproducible.
+    seed_everything(config.seed)
     lora = peft.LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=targets, task_type="CAUSAL_LM", bias="none",
@@ -338,16 +344,63 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
     return ckpt
 
 
+FINGERPRINT_FILE = "run_fingerprint.json"
+# Bookkeeping that may change between a run and its resumption without changing what is trained.
+_FINGERPRINT_SKIP = ("output_dir", "logging_steps", "save_steps", "save_total_limit")
+
+
+def _digest(obj) -> str:
+    import hashlib
+
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def run_fingerprint(config: SFTConfig, parts: dict | None = None) -> dict:
+    """What identifies a training run: the SFT settings (less output/logging bookkeeping)
+    and the caller's ``parts`` (data hash, masks, ...), each with its own hash so a
+    mismatch can be named; ``hash`` covers them all."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in _FINGERPRINT_SKIP}
+    flat = {f"config.{k}": _digest(v) for k, v in sorted(fields.items())}
+    flat.update({str(k): _digest(v) for k, v in sorted((parts or {}).items())})
+    return {"version": 1, "parts": flat, "hash": _digest(flat)}
+
+
+def check_fingerprint(folder: str | Path, fingerprint: dict) -> None:
+    """Raise :class:`NNError` unless ``folder`` holds the same run fingerprint (a checkpoint
+    there is about to be resumed)."""
+    path = Path(folder) / FINGERPRINT_FILE
+    fix = "use a fresh --out or --no-resume"
+    if not path.is_file():
+        raise NNError(f"'{folder}' holds a checkpoint but no {FINGERPRINT_FILE}, so it cannot be shown to "
+                      f"belong to this run: {fix}")
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        old_parts = dict(old["parts"])
+    except (ValueError, KeyError, TypeError):
+        raise NNError(f"'{path}' is unreadable, so the checkpoint cannot be shown to belong to this run: {fix}") from None
+    if old.get("hash") == fingerprint["hash"]:
+        return
+    new_parts = fingerprint["parts"]
+    diff = sorted(k for k in set(old_parts) | set(new_parts) if old_parts.get(k) != new_parts.get(k))
+    raise NNError(f"the checkpoint in '{folder}' belongs to a different run ({', '.join(diff) or 'fingerprint'} "
+                  f"differ): {fix}")
+
+
 def train(trainer, config: SFTConfig, *, resume: bool | str = True, manifest_extra: dict | None = None,
-          model_spec: str | None = None) -> SFTResult:
+          model_spec: str | None = None, fingerprint: dict | None = None) -> SFTResult:
     """Run ``trainer``, save what was trained and write ``manifest.json``.
 
     ``resume``: True continues from the last checkpoint in ``output_dir`` when there is
     one; a path resumes from that checkpoint; False starts over. The adapter (LoRA) or the
     model (full) goes to ``output_dir/adapter`` or ``output_dir/model`` atomically, with the
     tokenizer.
+
+    ``fingerprint`` (from :func:`run_fingerprint`) is written to ``output_dir`` before
+    training; resuming a checkpoint whose folder records a different fingerprint (or
+    none) raises :class:`NNError` instead of silently continuing another run.
     """
-    from nn_core.io import atomic_dir
+    from nn_core.io import atomic_dir, atomic_write_json
     from nn_core.manifest import write_manifest
 
     out = Path(config.output_dir)
@@ -359,6 +412,10 @@ def train(trainer, config: SFTConfig, *, resume: bool | str = True, manifest_ext
         ckpt = str(resume)
     elif resume:
         ckpt = last_checkpoint(out)
+    if fingerprint is not None:
+        if ckpt is not None:
+            check_fingerprint(Path(ckpt).parent, fingerprint)
+        atomic_write_json(out / FINGERPRINT_FILE, fingerprint)
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=ckpt)
     train_s = time.perf_counter() - t0
@@ -374,14 +431,13 @@ def train(trainer, config: SFTConfig, *, resume: bool | str = True, manifest_ext
     metrics["global_step"] = int(result.global_step)
     metrics["training_loss"] = float(result.training_loss)
     history = [h for h in trainer.state.log_history if "loss" in h]
-    from nn_core.io import atomic_write_json
-
     atomic_write_json(out / "train_log.json", {"metrics": metrics, "history": history})
     trainable, total = trainable_parameters(model)
     write_manifest(
         out, config=config.to_dict(), model=base_model(model), model_spec=model_spec,
         seeds=config.seed, phases={"train": train_s, "save": time.perf_counter() - t1},
         extra={"method": config.method, "resumed_from": ckpt, "metrics": _jsonable(metrics),
+               **({"fingerprint": fingerprint["hash"]} if fingerprint is not None else {}),
                "trainable_parameters": trainable, "total_parameters": total,
                **(manifest_extra or {})},
     )

@@ -63,6 +63,15 @@ class BuildConfig:
         if self.max_tokens <= self.pca_components:
             raise NNError(f"--max-tokens ({self.max_tokens}) must exceed --pca-components "
                           f"({self.pca_components}): PCA needs more tokens than dimensions")
+        # Checked here, before any capture/PCA/ICA work, so a typo fails in a second.
+        if not 0 <= self.percentile < 100:
+            raise NNError(f"--percentile must be in [0, 100), got {self.percentile}")
+        if not self.tol > 0:
+            raise NNError(f"--tol must be positive, got {self.tol}")
+        if int(self.seed) < 0:
+            raise NNError(f"--seed must be 0 or more, got {self.seed}")
+        if not 0 <= self.heldout_fraction < 1:
+            raise NNError(f"--heldout-fraction must be in [0, 1), got {self.heldout_fraction}")
         return self
 
 

@@ -63,6 +63,16 @@ def parse_ids(text: str, templates) -> list[int]:
     return templates.check_ids(ids)
 
 
+def eval_datasets(templates, data: list[str] | None) -> list[str]:
+    """``--data`` if given, else the datasets recorded in the templates."""
+    if data:
+        return list(data)
+    recorded = [d for d in (templates.metadata.get("datasets") or []) if isinstance(d, str) and d != "<texts>"]
+    if not recorded:
+        raise NNError("the templates record no dataset to evaluate on: pass --data, e.g. --data pydoc")
+    return recorded
+
+
 def _load(args, spec: str | None, *, what: str):
     from nn_core.models import load_model
 
@@ -139,24 +149,30 @@ def _match(args) -> int:
 
 def _eval(args) -> int:
     from nn_core.io import atomic_write_json
-    from nn_ica.evaluate import evaluate_components, heldout_texts
+    from nn_ica.evaluate import check_seed, evaluate_components, heldout_texts
     from nn_ica.templates import Templates
 
+    check_seed(args.seed)
     templates = Templates.load(args.templates)
     ids = parse_ids(args.components, templates)
+    data = eval_datasets(templates, args.data)
+    built_frac = templates.metadata.get("heldout_fraction")
+    if args.heldout_fraction is None and built_frac is not None and float(built_frac) == 0:
+        print("warning: the templates were built with --heldout-fraction 0, so these evaluation texts "
+              "overlap the texts the templates were built on", file=sys.stderr)
     spec = args.model or templates.metadata.get("model_id")
     t0 = time.perf_counter()
     model, tok = _load(args, spec, what="nn-ica eval")
     load_s = time.perf_counter() - t0
     frac = templates.metadata.get("heldout_fraction", 0.1) if args.heldout_fraction is None else args.heldout_fraction
-    texts = heldout_texts(args.data, heldout_fraction=frac, limit=args.samples, seed=args.seed)
+    texts = heldout_texts(data, heldout_fraction=frac, limit=args.samples, seed=args.seed)
     t1 = time.perf_counter()
     report = evaluate_components(
         model, tok, templates, ids, texts, mode=args.mode, n_random=args.random, seed=args.seed,
         max_length=args.max_length, batch_size=args.batch_size, check_id=not args.ignore_model_id,
         site=args.site, progress=lambda m: print(f"[nn-ica eval] {m}", file=sys.stderr),
     )
-    report["data"] = {"datasets": list(args.data), "heldout_fraction": frac, "n_texts": len(texts)}
+    report["data"] = {"datasets": list(data), "heldout_fraction": frac, "n_texts": len(texts)}
     eval_s = time.perf_counter() - t1
     r = report["random"]
     print(f"{args.mode} components {ids} ({report['n_neurons']} neurons, site {report['site']})")
@@ -201,7 +217,7 @@ def _train(args) -> int:
     model, tok = load_model(spec, device=args.device, dtype=args.dtype, seed=args.seed,
                             quantization=args.quantization)
     result = masked_finetune(model, tok, examples, templates, ids, cfg, mode=args.mode,
-                             freeze_masked=args.freeze_masked, check_id=not args.ignore_model_id,
+                             freeze_masked=args.freeze_masked, site=args.site, check_id=not args.ignore_model_id,
                              model_spec=spec, resume=not args.no_resume)
     print(f"trained {result.global_step} steps ({args.method}, {args.mode} components {ids}); "
           f"loss {result.metrics.get('training_loss', float('nan')):.4f}")
@@ -265,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="ΔPPL of lesioning/preserving components vs random controls",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     masked_args(e)
-    e.add_argument("--data", nargs="+", default=["pydoc"], help="text datasets (their held-out split)")
+    e.add_argument("--data", nargs="+", default=None,
+                   help="text datasets (their held-out split); default: those the templates were built on")
     e.add_argument("--heldout-fraction", type=float, default=None,
                    help="default: the fraction the templates were built with")
     e.add_argument("--samples", type=int, default=32, help="held-out texts scored")

@@ -27,11 +27,18 @@ from nn_core.masks import check_mode, mask_neurons
 from nn_ica.templates import Templates
 
 
+def check_seed(seed: int) -> int:
+    if int(seed) < 0:
+        raise NNError(f"--seed must be 0 or more, got {seed}")
+    return int(seed)
+
+
 def heldout_texts(specs: Sequence[str], *, heldout_fraction: float, limit: int | None, seed: int = 0) -> list[str]:
     """The held-out documents of each dataset (the split ``nn-ica build`` leaves out:
     split seed 0), at most ``limit`` of them drawn with ``seed``."""
     from nn_core.data import load_texts, sample, split_texts
 
+    check_seed(seed)
     out: list[str] = []
     for spec in specs:
         texts = load_texts(spec)
@@ -69,6 +76,7 @@ def evaluate_components(
     from nn_eval import evaluate_lm
 
     check_mode(mode)
+    check_seed(seed)
     if n_random < 0:
         raise NNError(f"--random must be 0 or more, got {n_random}")
     templates.check(model, site=site, check_id=check_id)

@@ -64,10 +64,15 @@ class Component:
 
     @classmethod
     def from_dict(cls, obj: Mapping) -> Component:
+        if not isinstance(obj, Mapping):
+            raise NNError("malformed component in templates file (not a JSON object): rebuild it with nn-ica build")
+        raw = obj.get("neurons") or {}
+        if not isinstance(raw, Mapping):
+            raise NNError(f"malformed component {obj.get('id')!r} in templates file: 'neurons' must map layer "
+                          f"to channel list, not a {type(raw).__name__}: rebuild it with nn-ica build")
         try:
             cid = int(obj["id"])
-            neurons = {int(k): _as_indices(v, f"component {obj['id']} layer {k}")
-                       for k, v in (obj.get("neurons") or {}).items()}
+            neurons = {int(k): _as_indices(v, f"component {obj['id']} layer {k}") for k, v in raw.items()}
         except (KeyError, TypeError, ValueError) as exc:
             raise NNError(f"malformed component in templates file ({exc}): rebuild it with nn-ica build") from None
         extra = {k: v for k, v in obj.items() if k not in ("id", "variance", "threshold", "size", "neurons")}
@@ -121,6 +126,12 @@ class Templates:
     @property
     def site(self) -> str:
         return self.metadata["site"]
+
+    @property
+    def layers(self) -> list[int] | None:
+        """The layers the templates were built on (None when the file does not say)."""
+        layers = self.metadata.get("layers")
+        return None if layers is None else sorted(int(x) for x in layers)
 
     @property
     def ids(self) -> list[int]:
@@ -195,11 +206,14 @@ class Templates:
                 entries[key] = np.union1d(entries.get(key, np.zeros(0, np.int64)), arr)
         params = {"components": list(ids), "percentile": self.metadata.get("percentile"),
                   "backend": self.metadata.get("backend"), "seed": self.metadata.get("seed")}
+        # The layers the templates analysed: a selection says nothing about the others, so
+        # preserve masks only these layers (nn_core.masks honours meta["layers"]).
+        scope = {"layers": [int(x) for x in self.layers]} if self.layers is not None else {}
         if model is not None:
-            return NeuronSet.for_model(model, entries, sites=[self.site], method="ica", parameters=params)
+            return NeuronSet.for_model(model, entries, sites=[self.site], method="ica", parameters=params, **scope)
         meta = {k: self.metadata[k] for k in ("model_id", "model_type", "num_layers", "widths")
                 if self.metadata.get(k) is not None}
-        return NeuronSet(entries, {**meta, "sites": [self.site], "method": "ica", "parameters": params})
+        return NeuronSet(entries, {**meta, "sites": [self.site], "method": "ica", "parameters": params, **scope})
 
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> dict:
@@ -258,6 +272,8 @@ class Templates:
             raise NNError(f"templates file '{path}' does not exist: build one with nn-ica build")
         try:
             obj = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise NNError(f"'{path}' is not UTF-8 text: pass a templates file written by nn-ica build") from None
         except json.JSONDecodeError as exc:
             raise NNError(f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno}): "
                           "pass a templates file written by nn-ica build") from None

@@ -88,6 +88,7 @@ def masked_finetune(
     *,
     mode: str = "lesion",
     freeze_masked: bool = False,
+    site: str | None = None,
     check_id: bool = True,
     model_spec: str | None = None,
     callbacks: Sequence = (),
@@ -99,18 +100,36 @@ def masked_finetune(
     ``trainable_modules`` only the down-projections train. Writes the adapter (or model),
     ``mask.json`` (the NeuronSet, to re-apply the mask at inference) and ``manifest.json``
     under ``config.output_dir``. Returns the :class:`nn_core.sft.SFTResult`.
+
+    ``site``, when given, must be the templates' site. A run fingerprint (templates
+    content, component ids, mode, freeze flag, SFT settings, training data) is written to
+    the output folder; resuming a checkpoint left there by a different run raises
+    :class:`NNError`. ``mask.json`` is written only after the adapter (or model) is saved,
+    so a folder never pairs an adapter with another run's mask.
     """
     from pathlib import Path
 
     from nn_core.adapters import get_adapter
-    from nn_core.sft import WeightMaskCallback, base_model, build_trainer, prepare_model, train
+    from nn_core.sft import (
+        WeightMaskCallback,
+        base_model,
+        build_trainer,
+        prepare_model,
+        run_fingerprint,
+        train,
+    )
 
     check_mode(mode)
-    templates.check(model, check_id=check_id)
+    config.check()
+    templates.check(model, site=site, check_id=check_id)
     ids = templates.check_ids(components)
     ns = templates.neuronset(ids, model=model)
     if config.method == "full" and not config.trainable_modules:
         config = replace(config, trainable_modules=[get_adapter(model).down_rel])
+    fingerprint = run_fingerprint(config, {
+        "templates": templates.to_dict(), "components": list(ids), "mode": mode,
+        "freeze_masked": bool(freeze_masked), "data": _examples_digest(examples),
+    })
     wrapped = prepare_model(model, config)
     base = base_model(wrapped)
     cbs = list(callbacks)
@@ -129,11 +148,10 @@ def masked_finetune(
     trainer = build_trainer(wrapped, tokenizer, examples, config, callbacks=cbs, prepare=False)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ns.save(out / "mask.json")
     handle = mask_neurons(base, ns, mode)  # after wrapping: on the LoRA layer, see module docs
     handle.attach()
     try:
-        return train(trainer, config, resume=resume, model_spec=model_spec, manifest_extra={
+        result = train(trainer, config, resume=resume, model_spec=model_spec, fingerprint=fingerprint, manifest_extra={
             "ica": {"components": ids, "mode": mode, "site": templates.site, "n_neurons": len(ns),
                     "freeze_masked": freeze_masked,
                     "templates": {k: templates.metadata.get(k) for k in ("model_id", "backend", "seed",
@@ -141,3 +159,24 @@ def masked_finetune(
         })
     finally:
         handle.remove()
+    ns.save(out / "mask.json")  # atomic, and only now: it belongs to the adapter just saved
+    return result
+
+
+def _examples_digest(examples: Sequence) -> str:
+    """A hash of the training data as given (Examples or ready features)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for ex in examples:
+        obj = dataclasses.asdict(ex) if dataclasses.is_dataclass(ex) else ex
+        h.update(json.dumps(obj, sort_keys=True, default=_plain).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _plain(obj):
+    # tensors/arrays in full: str() of a large tensor elides its middle
+    return obj.tolist() if hasattr(obj, "tolist") else str(obj)
