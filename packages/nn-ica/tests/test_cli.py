@@ -85,3 +85,38 @@ def test_parse_layers():
 
     with pytest.raises(NNError, match="bad --layers"):
         parse_layers("3-1")
+
+
+def test_train_site_mismatch_exits_2(built, tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i}"}) for i in range(4)))
+    code = main(["train", "--templates", str(built / "templates.json"), "--components", "0",
+                 "--site", "mlp_out", "--data", str(data), "--max-steps", "1", "--out", str(tmp_path / "r")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "site mlp_act, not site mlp_out" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r" / "mask.json").exists()
+
+
+def test_eval_defaults_to_the_templates_data_and_warns_on_overlap(built, tmp_path, capsys):
+    from nn_ica.cli import eval_datasets
+    from nn_ica.templates import Templates
+
+    t = json.loads((built / "templates.json").read_text())
+    t["metadata"]["datasets"] = ["pydoc"]
+    t["metadata"]["heldout_fraction"] = 0.0
+    path = tmp_path / "t0.json"
+    path.write_text(json.dumps(t))
+    assert eval_datasets(Templates.load(path), None) == ["pydoc"]
+    assert eval_datasets(Templates.load(path), ["a.txt"]) == ["a.txt"]
+    out = tmp_path / "ev"
+    assert main(["eval", "--templates", str(path), "--components", "0", "--samples", "2", "--random", "0",
+                 "--max-length", "16", "--out", str(out)]) == 0
+    assert "overlap" in capsys.readouterr().err
+    assert json.loads((out / "eval.json").read_text())["data"]["datasets"] == ["pydoc"]
+    t["metadata"]["datasets"] = ["<texts>"]
+    path.write_text(json.dumps(t))
+    assert main(["eval", "--templates", str(path), "--components", "0", "--random", "0"]) == 2
+    assert "record no dataset to evaluate on: pass --data" in capsys.readouterr().err
+    assert main(["eval", "--templates", str(path), "--components", "0", "--seed", "-1", "--data", "pydoc"]) == 2
+    assert "--seed must be 0 or more" in capsys.readouterr().err

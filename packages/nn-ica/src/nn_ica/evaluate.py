@@ -7,6 +7,9 @@ For the union S of the chosen components (a NeuronSet on the templates' site):
   layer in which S has no channel is zeroed entirely. (FunctionalNetworksSFT left such
   layers unmasked, so "preserve" there meant "preserve S, plus all of every layer S does
   not touch"; here it means exactly "keep only S".)
+  Templates built on a subset of layers record them, and their NeuronSets carry
+  ``meta["layers"]``: preserve then masks only those layers (the others were never
+  analysed).
 
 ``ΔPPL = PPL(masked) - PPL(unmasked)`` on held-out text (each text's first ``max_length``
 tokens), through :func:`nn_eval.evaluate_lm`.
