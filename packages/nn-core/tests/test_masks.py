@@ -186,3 +186,38 @@ def test_malformed_neuronset_file_is_one_line_error(bad):
     obj = {"format": "nn.neuronset/1", "neurons": {}, "meta": {}, **bad}
     with pytest.raises(NNError, match="malformed NeuronSet"):
         NeuronSet.from_dict(obj)
+
+
+def test_preserve_only_touches_covered_layers(tiny_models, batch):
+    model, _ = tiny_models("llama")
+    b = batch("llama")
+    seen = {}
+    ns = NeuronSet.for_model(model, {(0, "mlp_act"): [1, 2]}, layers=[0])
+    assert ns.covered_layers(2) == [0]
+    with mask_neurons(model, ns, "preserve"), \
+            hooked(model, {(1, "mlp_act"): lambda x: seen.setdefault("l1", x.clone())}):
+        _logits(model, b)
+    with hooked(model, {(1, "mlp_act"): lambda x: seen.setdefault("plain", x.clone())}):
+        _logits(model, b)
+    # layer 1 is outside meta["layers"]: its activations pass (they change only through layer 0)
+    assert torch.count_nonzero(seen["l1"]) > 0
+    full = NeuronSet.for_model(model, {(0, "mlp_act"): [1, 2]})
+    seen.clear()
+    with mask_neurons(model, full, "preserve"), \
+            hooked(model, {(1, "mlp_out"): lambda x: seen.setdefault("out", x.clone())}):
+        _logits(model, b)
+    assert torch.count_nonzero(seen["out"]) == 0
+
+
+def test_covered_layers_must_contain_the_neurons():
+    with pytest.raises(NNError, match="outside meta"):
+        NeuronSet({(1, "mlp_act"): [3]}, {"layers": [0]})
+
+
+def test_algebra_keeps_covered_layers(tiny_models):
+    model, _ = tiny_models("llama")
+    a = NeuronSet.for_model(model, {(0, "mlp_act"): [1]}, layers=[0])
+    b = NeuronSet.for_model(model, {(1, "mlp_act"): [2]}, layers=[1])
+    assert (a | b).meta["layers"] == [0, 1]
+    assert "layers" not in (a | NeuronSet.for_model(model, {(1, "mlp_act"): [2]})).meta
+    assert a.complement().layer_counts("mlp_act") == {0: 127}

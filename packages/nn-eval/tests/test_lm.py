@@ -9,7 +9,7 @@ from nn_core.errors import NNError
 from nn_core.masks import mask_neurons
 from nn_core.models import TINY_ARCHS
 from nn_core.neuronset import NeuronSet
-from nn_eval import evaluate_lm
+from nn_eval import NonFiniteLogits, evaluate_lm
 
 TEXTS = [
     "the quick brown fox jumps over the lazy dog",
@@ -158,7 +158,7 @@ def test_non_finite_logits_name_the_batch(tiny):
 
     handle = model.lm_head.register_forward_hook(poison)
     try:
-        with pytest.raises(NNError, match="non-finite logits in batch 1"):
+        with pytest.raises(NonFiniteLogits, match="non-finite logits in batch 1"):
             evaluate_lm(model, tok, seqs, batch_size=2)
     finally:
         handle.remove()

@@ -4,7 +4,9 @@
 
 * ``lesion``: the selected channels are zeroed, everything else untouched.
 * ``preserve``: only the selected channels pass; for every site the set is about, every
-  layer is masked, and a layer with no selected channel is zeroed entirely.
+  layer the set covers is masked, and a covered layer with no selected channel is zeroed
+  entirely. A set covers all layers unless its producer analysed only some and recorded
+  them in ``meta["layers"]``; layers outside that list are left untouched.
 
 Kept channels are not touched (``masked_fill``), so they are bit-identical to an unhooked
 forward, and a masked channel is exactly 0 even where it held inf or NaN. The handle works as a context manager or stays attached (training)
@@ -46,7 +48,7 @@ def site_masks(model: nn.Module, neurons: NeuronSet, mode: str) -> dict[SiteRef,
     out: dict[SiteRef, torch.Tensor] = {}
     for site in neurons.sites:
         width = ad.width(site)
-        for layer in range(ad.num_layers):
+        for layer in neurons.covered_layers(ad.num_layers):
             idx = neurons.indices(layer, site)
             if mode == "lesion":
                 if idx.numel() == 0:
@@ -165,8 +167,9 @@ def down_proj_weight_mask(model: nn.Module, neurons: NeuronSet, mode: str = "pre
 
     An ``mlp_act`` channel j owns input column j of the down-projection (weight[:, j] for
     ``nn.Linear``, weight[j, :] for GPT-2's Conv1D); an ``mlp_out`` channel c owns output row c.
-    ``preserve`` trains only the selected slices, ``lesion`` everything but them. Layers
-    without a selected channel are entirely frozen (preserve) or entirely trainable (lesion).
+    ``preserve`` trains only the selected slices, ``lesion`` everything but them. Covered
+    layers without a selected channel are entirely frozen (preserve) or entirely trainable
+    (lesion); layers outside ``meta["layers"]`` are not constrained.
     """
     from nn_core.adapters import get_adapter
 
@@ -178,7 +181,7 @@ def down_proj_weight_mask(model: nn.Module, neurons: NeuronSet, mode: str = "pre
         raise NNError(f"weight masks need mlp_act or mlp_out neurons, not {bad}")
     names = {id(p): n for n, p in model.named_parameters()}
     trainable: dict[str, torch.Tensor] = {}
-    for layer in range(ad.num_layers):
+    for layer in neurons.covered_layers(ad.num_layers):
         w = ad.down_weight(layer)
         sel = torch.zeros(w.shape, dtype=torch.bool)
         for site in neurons.sites:

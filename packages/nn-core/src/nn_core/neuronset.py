@@ -64,6 +64,16 @@ class NeuronSet:
             width = widths.get(ref.site)
             if width is not None and arr[-1] >= width:
                 raise NNError(f"index {arr[-1]} is out of range for {ref} (width {width})")
+        covered = meta.get("layers")
+        if covered is not None:
+            if not isinstance(covered, (list, tuple)) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in covered):
+                raise NNError("meta['layers'] must be a list of layer indices (the layers the selection is about)")
+            meta["layers"] = sorted(set(covered))
+            outside = sorted({r.layer for r in data} - set(meta["layers"]))
+            if outside:
+                raise NNError(f"neurons in layers {outside} are outside meta['layers'] {meta['layers']}: "
+                              "add those layers or drop the neurons")
         self._data = dict(sorted(data.items()))
         self._meta = meta
 
@@ -84,6 +94,12 @@ class NeuronSet:
     @property
     def meta(self) -> dict:
         return dict(self._meta)
+
+    def covered_layers(self, num_layers: int) -> list[int]:
+        """Layers the selection is about: ``meta["layers"]`` when the producer analysed only
+        some layers, else all ``num_layers``. Preserve masks act on these layers only."""
+        layers = self._meta.get("layers")
+        return list(range(num_layers)) if layers is None else [v for v in layers if v < num_layers]
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -162,6 +178,10 @@ class NeuronSet:
             out[ref] = op(a, b)
         meta = {**other._meta, **self._meta}
         meta["sites"] = sorted(set(self.sites) | set(other.sites), key=SITES.index)
+        a, b = self._meta.get("layers"), other._meta.get("layers")
+        meta["layers"] = None if a is None or b is None else sorted(set(a) | set(b))
+        if meta["layers"] is None:
+            meta.pop("layers")
         return NeuronSet(out, meta)
 
     def __or__(self, other):
@@ -183,7 +203,7 @@ class NeuronSet:
 
     def complement(self, widths: Mapping[str, int] | None = None,
                    num_layers: int | None = None) -> NeuronSet:
-        """Every channel of this set's sites (all layers) that is not selected."""
+        """Every channel of this set's sites (in the layers it covers) that is not selected."""
         widths = dict(widths or self._meta.get("widths") or {})
         num_layers = num_layers or self._meta.get("num_layers")
         if num_layers is None or any(s not in widths for s in self.sites):
@@ -191,7 +211,7 @@ class NeuronSet:
         out = {}
         for site in self.sites:
             full = np.arange(widths[site], dtype=np.int64)
-            for layer in range(num_layers):
+            for layer in self.covered_layers(num_layers):
                 sel = self._data.get(SiteRef(layer, site), np.zeros(0, np.int64))
                 out[(layer, site)] = np.setdiff1d(full, sel, assume_unique=True)
         return NeuronSet(out, {**self._meta, "widths": widths, "num_layers": num_layers})
@@ -216,6 +236,8 @@ class NeuronSet:
         meta = dict(self._meta)
         if sites is not None:
             meta["sites"] = [s for s in self.sites if s in sites]
+        if layers is not None and meta.get("layers") is not None:
+            meta["layers"] = [v for v in meta["layers"] if v in layers]
         return NeuronSet(keep, meta)
 
     # ---------------------------------------------------------------- validation
@@ -223,6 +245,10 @@ class NeuronSet:
         """Raise :class:`NNError` unless this set fits ``model`` (layers, widths, identity)."""
         sig = model_signature(model)
         _check_against(self._meta, sig, what="neuron set", check_id=check_id)
+        bad = [v for v in (self._meta.get("layers") or []) if v >= sig["num_layers"]]
+        if bad:
+            raise NNError(f"meta['layers'] names layers {bad} but the model has {sig['num_layers']}: "
+                          "the selection was made for another model")
         for ref, arr in self._data.items():
             if ref.layer >= sig["num_layers"]:
                 raise NNError(f"layer {ref.layer} is out of range for {sig['model_id'] or 'this model'} "

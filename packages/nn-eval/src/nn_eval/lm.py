@@ -35,6 +35,11 @@ from nn_eval._model import (
 )
 
 IGNORE = -100
+
+
+class NonFiniteLogits(NNError):
+    """The model produced NaN/inf logits (e.g. after a weight perturbation); callers that
+    study destructive interventions catch this and record the result as non-finite."""
 _DICT_KEYS = ("input_ids", "labels", "attention_mask")
 
 
@@ -258,7 +263,7 @@ def _score(model, segments: list[_Segment], pad_id: int, batch_size: int, progre
                 nll, hit, tgt = nll[keep], hit[keep], tgt[keep]
             if not bool(torch.isfinite(nll).all()):
                 seqs = sorted({segments[k].seq for k in idx})
-                raise NNError(
+                raise NonFiniteLogits(
                     f"non-finite logits in batch {b} (sequences {_short(seqs)}): the model "
                     "produced NaN/inf; try --dtype float32 or check the intervention"
                 )
