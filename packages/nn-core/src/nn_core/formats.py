@@ -25,12 +25,12 @@ bare layer map (one component), and ``"meta"`` instead of ``"metadata"``.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from nn_core.errors import NNError
+from nn_core.io import read_json
 from nn_core.neuronset import NeuronSet
 from nn_core.sites import SITES
 
@@ -42,16 +42,7 @@ FNSFT_SITE = "mlp_act"
 def _read_json(obj_or_path, what: str):
     """Return (parsed object, source label)."""
     if isinstance(obj_or_path, (str, Path)):
-        path = Path(obj_or_path)
-        if not path.is_file():
-            raise NNError(f"{what} file '{path}' does not exist: check the path")
-        try:
-            return json.loads(path.read_text(encoding="utf-8")), str(path)
-        except json.JSONDecodeError as exc:
-            raise NNError(f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno}): "
-                          f"pass a {what} file") from None
-        except UnicodeDecodeError:
-            raise NNError(f"'{path}' is not a text file: pass a {what} JSON file") from None
+        return read_json(obj_or_path, what=what), str(obj_or_path)
     return obj_or_path, "<object>"
 
 

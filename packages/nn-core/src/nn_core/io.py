@@ -10,6 +10,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from nn_core.errors import NNError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -59,3 +61,18 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def read_json(path: str | os.PathLike, *, what: str, fix: str = "check the path"):
+    """Parse a user-given JSON file, or raise one :class:`NNError` line naming ``what`` the
+    file should be and the fix (missing file, not UTF-8, invalid JSON)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NNError(f"{what} file '{path}' does not exist: {fix}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise NNError(f"'{path}' is not UTF-8 text: pass a {what} JSON file") from None
+    except json.JSONDecodeError as exc:
+        raise NNError(f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno}): "
+                      f"pass a {what} file") from None

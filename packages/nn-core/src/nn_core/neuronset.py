@@ -9,7 +9,6 @@ widths per site) and is validated against a model before use. On disk it is JSON
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -289,14 +288,9 @@ class NeuronSet:
 
     @classmethod
     def load(cls, path) -> NeuronSet:
-        path = Path(path)
-        if not path.is_file():
-            raise NNError(f"neuron set file '{path}' does not exist: check the path")
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise NNError(f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        return cls.from_dict(obj)
+        from nn_core.io import read_json
+
+        return cls.from_dict(read_json(path, what="neuron set"))
 
 
 def _now() -> str:

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from nn_core.errors import NNError
-from nn_core.io import atomic_path, atomic_write_text
+from nn_core.io import atomic_path, atomic_write_text, read_json
 
 MATRIX_FORMAT = "nn.cl-matrix/1"
 
@@ -271,17 +271,20 @@ def save_matrix(path: str | Path, matrix, tasks: Sequence[str] | None = None) ->
     return atomic_write_text(path, buf.getvalue())
 
 
+def _read_text(path: Path, what: str) -> str:
+    if not path.is_file():
+        raise NNError(f"{what} file '{path}' does not exist: check the path")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise NNError(f"'{path}' is not UTF-8 text: pass a {what} CSV or JSON file") from None
+
+
 def load_matrix(path: str | Path) -> tuple[np.ndarray, list[str]]:
     """Read a matrix written by :func:`save_matrix` (CSV or JSON); ``(matrix, task names)``."""
     path = Path(path)
-    if not path.is_file():
-        raise NNError(f"matrix file '{path}' does not exist: check the path")
-    text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise NNError(f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        obj = read_json(path, what="matrix")
         if isinstance(obj, list):
             rows, names = obj, None
         elif isinstance(obj, dict) and "matrix" in obj:
@@ -299,7 +302,7 @@ def load_matrix(path: str | Path) -> tuple[np.ndarray, list[str]]:
         return m, _task_names(names, m.shape[0])
     if path.suffix.lower() != ".csv":
         raise NNError(f"cannot tell the matrix format of '{path}': use a .csv or .json file")
-    rows = [r for r in csv.reader(io.StringIO(text)) if any(c.strip() for c in r)]
+    rows = [r for r in csv.reader(io.StringIO(_read_text(path, "matrix"))) if any(c.strip() for c in r)]
     if len(rows) < 2:
         raise NNError(f"'{path}' has no matrix rows: write a header of task names and one row per boundary")
     header = [c.strip() for c in rows[0]]
@@ -320,18 +323,12 @@ def load_baseline(path: str | Path, tasks: Sequence[str]) -> list[float]:
     """A baseline vector from JSON (list, ``{"baseline": [...]}`` or task -> value) or CSV
     (a header of task names and one row of values)."""
     path = Path(path)
-    if not path.is_file():
-        raise NNError(f"baseline file '{path}' does not exist: check the path")
-    text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise NNError(f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        obj = read_json(path, what="baseline")
         if isinstance(obj, dict) and "baseline" in obj:
             obj = obj["baseline"]
         return baseline_vector(obj, tasks)
-    rows = [r for r in csv.reader(io.StringIO(text)) if any(c.strip() for c in r)]
+    rows = [r for r in csv.reader(io.StringIO(_read_text(path, "baseline"))) if any(c.strip() for c in r)]
     if len(rows) != 2:
         raise NNError(f"'{path}' must have a header of task names and one row of values")
     header = [c.strip() for c in rows[0]]

@@ -20,7 +20,6 @@ against a model only by layer count and width.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,17 +266,9 @@ class Templates:
 
     @classmethod
     def load(cls, path) -> Templates:
-        path = Path(path)
-        if not path.is_file():
-            raise NNError(f"templates file '{path}' does not exist: build one with nn-ica build")
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise NNError(f"'{path}' is not UTF-8 text: pass a templates file written by nn-ica build") from None
-        except json.JSONDecodeError as exc:
-            raise NNError(f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno}): "
-                          "pass a templates file written by nn-ica build") from None
-        return cls.from_dict(obj)
+        from nn_core.io import read_json
+
+        return cls.from_dict(read_json(path, what="templates", fix="build one with nn-ica build"))
 
     # ------------------------------------------------------------------ summaries
     def summary(self) -> str:
