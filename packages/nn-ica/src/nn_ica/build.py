@@ -214,20 +214,33 @@ def _quiet(progress: bool | None) -> bool:
     return not progress
 
 
+def split_datasets(specs: Sequence[str], heldout_fraction: float) -> tuple[list[str], list[str]]:
+    """Each dataset split into (build, held-out) documents with split seed 0, concatenated
+    over datasets: the one split that ``build`` draws from and ``eval`` scores."""
+    from nn_core.data import load_texts, split_texts
+
+    build: list[str] = []
+    heldout: list[str] = []
+    for spec in specs:
+        texts = load_texts(spec)
+        if heldout_fraction > 0 and len(set(texts)) > 1:
+            kept, held = split_texts(texts, heldout_fraction, seed=0)
+        else:
+            kept, held = texts, texts  # nothing held out: eval overlaps build (cli warns)
+        build.extend(kept)
+        heldout.extend(held)
+    return build, heldout
+
+
 def sample_texts(specs: Sequence[str], samples: int, *, seed: int, heldout_fraction: float
                  ) -> tuple[list[str], dict]:
     """Load every dataset, hold out ``heldout_fraction`` of each (split seed 0, the split
     ``nn-ica eval`` scores), and draw ``samples`` texts from the rest (seeded)."""
-    from nn_core.data import load_texts, sample, split_texts
+    from nn_core.data import sample
 
     if not specs:
         raise NNError("no data given: pass one or more datasets, e.g. pydoc or texts.jsonl")
-    pool: list[str] = []
-    for spec in specs:
-        texts = load_texts(spec)
-        if heldout_fraction > 0 and len(set(texts)) > 1:
-            texts, _ = split_texts(texts, heldout_fraction, seed=0)
-        pool.extend(texts)
+    pool, _ = split_datasets(specs, heldout_fraction)
     n = min(samples, len(pool))
     return sample(pool, n, seed), {"available": len(pool), "drawn": n}
 

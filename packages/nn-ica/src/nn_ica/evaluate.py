@@ -39,15 +39,11 @@ def check_seed(seed: int) -> int:
 def heldout_texts(specs: Sequence[str], *, heldout_fraction: float, limit: int | None, seed: int = 0) -> list[str]:
     """The held-out documents of each dataset (the split ``nn-ica build`` leaves out:
     split seed 0), at most ``limit`` of them drawn with ``seed``."""
-    from nn_core.data import load_texts, sample, split_texts
+    from nn_core.data import sample
+    from nn_ica.build import split_datasets
 
     check_seed(seed)
-    out: list[str] = []
-    for spec in specs:
-        texts = load_texts(spec)
-        if heldout_fraction > 0 and len(set(texts)) > 1:
-            _, texts = split_texts(texts, heldout_fraction, seed=0)
-        out.extend(texts)
+    _, out = split_datasets(specs, heldout_fraction)
     if limit is not None and len(out) > limit:
         out = sample(out, limit, seed)
     return out
