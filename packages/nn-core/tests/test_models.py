@@ -92,3 +92,24 @@ def test_config_json_keeps_name(tmp_path):
     model, _ = load_model("tiny-opt")
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "opt"
+
+
+def test_input_device_is_the_embeddings_device(tiny_models):
+    from torch import nn
+
+    from nn_core.device import input_device
+
+    model, _ = tiny_models("llama")
+    assert input_device(model) == model.get_input_embeddings().weight.device
+    assert input_device(nn.Module()) == torch.device("cpu")
+
+    class Meta(nn.Module):  # embedding on another device than the first parameter
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Linear(2, 2)
+            self.emb = nn.Embedding(3, 2, device="meta")
+
+        def get_input_embeddings(self):
+            return self.emb
+
+    assert input_device(Meta()) == torch.device("meta")

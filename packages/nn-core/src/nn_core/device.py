@@ -62,6 +62,20 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         ) from None
 
 
+def input_device(model) -> torch.device:
+    """Where a model's inputs go: its input embedding's device. A model sharded with
+    ``device_map="auto"`` keeps its first block there, not on one global device. Falls back
+    to the first parameter's device, then the CPU."""
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) else None
+    weight = getattr(emb, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

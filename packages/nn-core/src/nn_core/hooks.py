@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from nn_core.device import input_device
 from nn_core.errors import NNError
 from nn_core.sites import SiteRef, as_site_ref, site_module
 
@@ -99,13 +100,6 @@ class Capture:
         return self.values.keys()
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 @torch.no_grad()
 def capture(
     model: nn.Module,
@@ -130,7 +124,7 @@ def capture(
     refs = [as_site_ref(s) for s in sites]
     if not refs:
         raise NNError("capture needs at least one site, e.g. (0, 'mlp_act')")
-    device = _model_device(model)
+    device = input_device(model)
     chunks: dict[SiteRef, list[torch.Tensor]] = {r: [] for r in refs}
     sums: dict[SiteRef, torch.Tensor | None] = {r: None for r in refs}
     state = {"keep": None, "batch": 0}
@@ -159,6 +153,7 @@ def capture(
 
     n_tokens = 0
     n_batches = 0
+    takes_pos = _takes_position_ids(model)
     was_training = model.training
     model.eval()
     try:
@@ -170,7 +165,7 @@ def capture(
                 state["keep"] = mask.reshape(-1).bool()
                 state["batch"] = n_batches
                 extra = {}
-                if _takes_position_ids(model) and bool((mask[:, 0] == 0).any()):
+                if takes_pos and bool((mask[:, 0] == 0).any()):
                     # left padding: count positions from each row's first real token, as in
                     # an unpadded run (matters for absolute position embeddings, e.g. GPT-2)
                     extra["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -5,17 +5,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-import torch
 from torch import nn
 
 from nn_core.errors import NNError
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameter-less module)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def position_limit(model: nn.Module) -> int | None:

@@ -23,8 +23,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from nn_core.device import input_device
 from nn_core.errors import NNError
-from nn_eval._model import eval_mode, model_device, pad_id_of
+from nn_eval._model import eval_mode, pad_id_of
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -93,7 +94,7 @@ def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_
             raise NNError(f"prompt {i} is empty: give every example a prompt")
     eos = stop_token_ids(model, tokenizer)
     pad = pad_id_of(tokenizer)
-    device = model_device(model)
+    device = input_device(model)
     order = sorted(range(len(encoded)), key=lambda k: (-len(encoded[k]), k))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     out: list[str] = [""] * len(encoded)

@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from nn_core.data import tokenize_texts
+from nn_core.device import input_device
 from nn_core.errors import NNError
 from nn_eval._model import (
     effective_max_length,
     eval_mode,
-    model_device,
     pad_id_of,
     run_with_intervention,
 )
@@ -230,7 +230,7 @@ def make_segments(sequences, max_length: int, stride: int) -> tuple[list[_Segmen
 
 # --------------------------------------------------------------------------- scoring
 def _score(model, segments: list[_Segment], pad_id: int, batch_size: int, progress) -> dict:
-    device = model_device(model)
+    device = input_device(model)
     # Longest first: padding stays small and an out-of-memory error shows up at once.
     order = sorted(range(len(segments)), key=lambda k: (-len(segments[k].ids), k))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

@@ -46,8 +46,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from nn_core.device import input_device
 from nn_core.errors import NNError
-from nn_eval._model import effective_max_length, eval_mode, model_device, pad_id_of
+from nn_eval._model import effective_max_length, eval_mode, pad_id_of
 
 STYLES = ("auto", "plain", "mmlu")
 LETTERS = string.ascii_uppercase
@@ -271,7 +272,7 @@ def loglikelihoods(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]]
     order = sorted(range(len(rows)), key=lambda r: (-len(rows[r]), r))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     out: list[tuple[float, bool] | None] = [None] * len(requests)
-    device = model_device(model)
+    device = input_device(model)
     pad = pad_id_of(tokenizer)
     with eval_mode(model), torch.inference_mode():
         for b, idx in enumerate(batches):

@@ -13,16 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nn_core.device import input_device
+
 IGNORE = -100
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where inputs go: the input embedding's device (models sharded with
-    ``device_map="auto"`` keep their first block there, not on one global device)."""
-    emb = model.get_input_embeddings()
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        return emb.weight.device
-    return next(model.parameters()).device
 
 
 def prepare(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from nn_core.device import input_device
 from nn_core.errors import NNError
 from nn_sensitivity import dist
-from nn_sensitivity.batching import input_device, prepare, split_rows, summed_nll
+from nn_sensitivity.batching import prepare, split_rows, summed_nll
 from nn_sensitivity.params import ParamInfo, eligible_params, resolve_params
 
 Batches = Iterable[Mapping[str, torch.Tensor]]
