@@ -54,13 +54,13 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
     return mod
 
 
-def _is_conv1d(mod: nn.Module) -> bool:
+def is_conv1d(mod: nn.Module) -> bool:
     return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf")
 
 
-def _in_out(mod: nn.Module) -> tuple[int, int] | None:
+def linear_in_out(mod: nn.Module) -> tuple[int, int] | None:
     """(in_features, out_features) of a Linear, a quantized Linear or a GPT-2 Conv1D."""
-    if _is_conv1d(mod):
+    if is_conv1d(mod):
         return int(mod.weight.shape[0]), int(mod.nf)
     if isinstance(mod, nn.Linear) or (
         hasattr(mod, "in_features") and hasattr(mod, "out_features")
@@ -100,7 +100,7 @@ class ModelAdapter:
         self.layers: list[nn.Module] = list(blocks)
         self.hidden_size = _hidden_size(model.config)
         first = self.down_proj(0)
-        io = _in_out(first)
+        io = linear_in_out(first)
         if io is None:
             raise NNError(f"{self.down_proj_path(0)} is not a linear layer: unsupported model")
         self.intermediate_size = io[0]
@@ -208,17 +208,17 @@ def _structural(model: nn.Module) -> ModelAdapter:
         block = blocks[0]
         downs = []
         for rel, sub in block.named_modules():
-            io = _in_out(sub)
+            io = linear_in_out(sub)
             if io is not None and io[1] == hidden and io[0] > hidden:
                 downs.append((rel, sub))
         if len(downs) == 1:
             rel, sub = downs[0]
-            return ModelAdapter(model, layers_path, rel, _is_conv1d(sub), "structural")
+            return ModelAdapter(model, layers_path, rel, is_conv1d(sub), "structural")
         # prefer the candidate inside an MLP-named submodule when there are several
         mlp = [d for d in downs if any(k in d[0] for k in ("mlp", "ffn", "feed_forward"))]
         if len(mlp) == 1:
             rel, sub = mlp[0]
-            return ModelAdapter(model, layers_path, rel, _is_conv1d(sub), "structural")
+            return ModelAdapter(model, layers_path, rel, is_conv1d(sub), "structural")
     raise NNError(
         f"unsupported architecture '{getattr(config, 'model_type', type(model).__name__)}': "
         f"no MLP down-projection found; supported types are {', '.join(sorted(ARCHITECTURES))}"

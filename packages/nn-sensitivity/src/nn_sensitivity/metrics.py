@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from nn_core.adapters import linear_in_out
 from nn_core.device import input_device
 from nn_core.errors import NNError
 from nn_sensitivity import dist
@@ -301,7 +302,7 @@ def _input_stats(model, infos, batches, what: str, progress) -> tuple[dict, int]
                 h.remove()
     for name, mod in wanted.items():
         if name not in sums:
-            width = mod.num_embeddings if _kind(mod) == "embedding" else _in_features(mod)
+            width = mod.num_embeddings if _kind(mod) == "embedding" else linear_in_out(mod)[0]
             sums[name] = torch.zeros(width, dtype=torch.float64, device=mod.weight.device)
     names = list(wanted)
     stacked = [sums[m] for m in names]
@@ -310,12 +311,6 @@ def _input_stats(model, infos, batches, what: str, progress) -> tuple[dict, int]
     if all(v == 0 for v in total.values()):
         raise _no_tokens()
     return dict(zip(names, stacked, strict=True)), total
-
-
-def _in_features(mod: nn.Module) -> int:
-    if type(mod).__name__ == "Conv1D":
-        return int(mod.weight.shape[0])
-    return int(mod.in_features)
 
 
 def _along_input(info: ParamInfo, w: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nn_core.adapters import get_adapter
+from nn_core.adapters import get_adapter, is_conv1d, linear_in_out
 from nn_core.errors import NNError
 
 
@@ -54,13 +54,11 @@ class ParamInfo:
 
 
 def _kind(module: nn.Module) -> str:
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+    if is_conv1d(module):
         return "conv1d"
     if isinstance(module, nn.Embedding):
         return "embedding"
-    if isinstance(module, nn.Linear) or (
-        hasattr(module, "in_features") and hasattr(module, "out_features")
-    ):
+    if linear_in_out(module) is not None:
         return "linear"
     return "other"
 
