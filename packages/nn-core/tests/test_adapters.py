@@ -4,11 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from nn_core.adapters import ARCHITECTURES, get_adapter
 from nn_core.errors import NNError
-from nn_core.hooks import hooked
-from nn_core.models import TINY_ARCHS, load_model
-from nn_core.sites import model_signature
+from nn_core.intervene.hooks import hooked
+from nn_core.model.adapters import ARCHITECTURES, get_adapter, model_signature
+from nn_core.model.loading import TINY_ARCHS, load_model
 
 
 def test_every_arch_resolves_with_right_widths(tiny_models, arch):

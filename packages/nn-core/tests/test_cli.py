@@ -5,8 +5,8 @@ import json
 import pytest
 
 from nn_core.cli import main
-from nn_core.neuronset import NeuronSet
-from nn_core.weightset import WeightSet
+from nn_core.select.neuronset import NeuronSet
+from nn_core.select.weightset import WeightSet
 
 
 @pytest.fixture
@@ -155,23 +155,5 @@ def test_usage_errors(capsys):
     assert main(["neurons", "combine", "a", "b", "--op", "merge", "--out", "c"]) == 2
     assert main([]) == 2
     assert main(["--help"]) == 0
-    assert main(["demo", "--help"]) == 0
 
 
-def test_demo_on_tiny_model(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--model", "tiny-llama", "--out", str(out), "--texts", "4",
-                 "--max-tokens", "32"]) == 0
-    printed = capsys.readouterr().out
-    assert "restored exactly" in printed and "width 128" in printed
-    results = json.loads((out / "results.json").read_text())
-    assert results["restored_exactly"] is True
-    assert results["max_abs_logit_diff_after_restore"] == 0.0
-    assert results["lesioned_per_layer"] == round(0.2 * 128)
-    assert results["random_lesion"]["kl_mean"] > 0  # the lesion changed the distribution
-    assert 0.0 <= results["random_lesion"]["top1_agreement"] <= 1.0
-    ns = NeuronSet.load(out / "neurons.json")
-    assert ns.layer_counts("mlp_act") == {0: 26, 1: 26}
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["config"]["model"] == "tiny-llama"
-    assert {o["path"] for o in manifest["outputs"]} >= {"neurons.json", "results.json"}

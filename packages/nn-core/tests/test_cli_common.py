@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from nn_core.cli_common import (
+from nn_core.errors import NNError
+from nn_core.run.cli import (
     add_common_args,
     args_config,
     cli_main,
@@ -10,7 +11,6 @@ from nn_core.cli_common import (
     parse_args,
     run_cli,
 )
-from nn_core.errors import NNError
 
 
 def _parser(seen: dict | None = None):

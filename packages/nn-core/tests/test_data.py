@@ -26,7 +26,7 @@ from nn_core.data import (
     tokenize_texts,
 )
 from nn_core.errors import MissingExtraError, NNError
-from nn_core.tokenizer import byte_tokenizer
+from nn_core.model.tokenizer import byte_tokenizer
 
 
 @pytest.fixture(scope="module")

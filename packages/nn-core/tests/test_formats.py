@@ -5,14 +5,14 @@ import json
 import pytest
 
 from nn_core.errors import NNError
-from nn_core.formats import (
+from nn_core.select.formats import (
     neuronset_from_fnsft,
     neuronset_from_loki,
     neuronset_to_fnsft,
     neuronset_to_loki,
     neuronsets_from_fnsft,
 )
-from nn_core.neuronset import NeuronSet
+from nn_core.select.neuronset import NeuronSet
 
 
 @pytest.fixture

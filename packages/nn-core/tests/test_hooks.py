@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nn_core.errors import NNError
-from nn_core.hooks import capture, hooked
+from nn_core.intervene.hooks import capture, hooked
 
 
 def _hook_count(model):

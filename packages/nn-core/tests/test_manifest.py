@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from nn_core import manifest as M
-from nn_core.manifest import PhaseTimer, is_secret_name, run_dir, scrub, write_manifest
-from nn_core.models import load_model
+from nn_core.model.loading import load_model
+from nn_core.run import manifest as M
+from nn_core.run.manifest import PhaseTimer, is_secret_name, run_dir, scrub, write_manifest
 
 HF_SECRET = "hf_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4"
 WANDB_SECRET = "0123456789abcdef0123456789abcdef01234567"  # 40 hex, like a W&B key
@@ -152,7 +152,7 @@ def test_local_folder_weights_hashed_and_cached(tmp_path, cache, monkeypatch):
     assert info["weights"] == {"source": "local", "sha256": {"model.safetensors": expected}}
     # The second call reads the cache instead of hashing again.
     calls = []
-    monkeypatch.setattr("nn_core.models.file_sha256", lambda p: calls.append(p) or "x")
+    monkeypatch.setattr("nn_core.model.loading.file_sha256", lambda p: calls.append(p) or "x")
     assert M.cached_sha256(weights) == expected and calls == []
     os.utime(weights, ns=(1, 1))  # a changed mtime invalidates the entry
     assert M.cached_sha256(weights) == "x" and len(calls) == 1
@@ -161,7 +161,7 @@ def test_local_folder_weights_hashed_and_cached(tmp_path, cache, monkeypatch):
 def test_smollm2_records_gguf_sha(tmp_path, cache, monkeypatch):
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"GGUF fake bytes")
-    monkeypatch.setattr("nn_core.models.smollm2_gguf_path", lambda: fake)
+    monkeypatch.setattr("nn_core.model.loading.smollm2_gguf_path", lambda: fake)
     import hashlib
 
     info = M.model_info(None, model_spec="smollm2-135m")

@@ -3,11 +3,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nn_core.adapters import get_adapter
 from nn_core.errors import NNError
-from nn_core.hooks import hooked
-from nn_core.masks import WeightMask, down_proj_weight_mask, mask_neurons
-from nn_core.neuronset import NeuronSet
+from nn_core.intervene.hooks import hooked
+from nn_core.intervene.masks import WeightMask, down_proj_weight_mask, mask_neurons
+from nn_core.model.adapters import get_adapter
+from nn_core.select.neuronset import NeuronSet
 
 
 def _logits(model, b):
@@ -121,7 +121,7 @@ def test_masked_channels_get_zero_gradient(tiny_models, batch):
 @pytest.mark.parametrize("arch_name", ["llama", "gpt2"])
 @pytest.mark.parametrize("mode", ["preserve", "lesion"])
 def test_weight_mask_survives_adamw_weight_decay(arch_name, mode):
-    from nn_core.models import load_model
+    from nn_core.model.loading import load_model
 
     model, tok = load_model(f"tiny-{arch_name}")
     model.train()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nn_core.errors import NNError
-from nn_core.models import load_model, tiny_model
+from nn_core.model.loading import load_model, tiny_model
 
 
 def test_tiny_models_are_seeded():

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from nn_core.errors import NNError
-from nn_core.formats import (
+from nn_core.select.formats import (
     neuronset_from_fnsft,
     neuronset_from_loki,
     neuronset_to_fnsft,
     neuronset_to_loki,
 )
-from nn_core.neuronset import FORMAT, NeuronSet
+from nn_core.select.neuronset import FORMAT, NeuronSet
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(NNError, match="does not exist"):
         NeuronSet.load(tmp_path / "none.json")
     (tmp_path / "loki.json").write_text("[[1], [2]]")
-    with pytest.raises(NNError, match="nn_core.formats"):
+    with pytest.raises(NNError, match="nn_core.select.formats"):
         NeuronSet.load(tmp_path / "loki.json")
 
 

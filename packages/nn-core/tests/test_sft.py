@@ -7,13 +7,13 @@ import torch
 
 pytest.importorskip("peft")
 
-from nn_core.adapters import get_adapter
 from nn_core.data import Example
 from nn_core.errors import NNError
-from nn_core.masks import WeightMask, mask_neurons
-from nn_core.models import load_model
-from nn_core.neuronset import NeuronSet
-from nn_core.sft import (
+from nn_core.intervene.masks import WeightMask, mask_neurons
+from nn_core.model.adapters import get_adapter
+from nn_core.model.loading import load_model
+from nn_core.select.neuronset import NeuronSet
+from nn_core.train import (
     SFTConfig,
     WeightMaskCallback,
     base_model,
@@ -175,7 +175,7 @@ def test_lora_init_follows_the_training_seed(tmp_path):
 
 
 def test_resume_refuses_another_runs_checkpoint(tmp_path):
-    from nn_core.sft import FINGERPRINT_FILE, run_fingerprint
+    from nn_core.train import FINGERPRINT_FILE, run_fingerprint
 
     config = cfg(tmp_path, max_steps=2, save_steps=1)
     model, tok = load_model("tiny-llama")
@@ -196,7 +196,7 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path):
 
 
 def test_checkpoint_without_fingerprint_is_not_resumed(tmp_path):
-    from nn_core.sft import check_fingerprint, run_fingerprint
+    from nn_core.train import check_fingerprint, run_fingerprint
 
     with pytest.raises(NNError, match="no run_fingerprint.json.*use a fresh --out or --no-resume"):
         check_fingerprint(tmp_path, run_fingerprint(SFTConfig()))

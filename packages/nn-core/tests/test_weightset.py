@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from nn_core.adapters import get_adapter
 from nn_core.errors import NNError
-from nn_core.masks import mask_neurons
-from nn_core.models import load_model
-from nn_core.weightset import FORMAT, WeightSet, sample_indices
+from nn_core.intervene.masks import mask_neurons
+from nn_core.model.adapters import get_adapter
+from nn_core.model.loading import load_model
+from nn_core.select.weightset import FORMAT, WeightSet, sample_indices
 
 
 @pytest.fixture

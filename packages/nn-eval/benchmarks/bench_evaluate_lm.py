@@ -48,7 +48,7 @@ def main() -> int:
     import torch
 
     from nn_core.data import load_texts, token_blocks, tokenize_texts
-    from nn_core.models import load_model
+    from nn_core.model.loading import load_model
     from nn_eval import evaluate_lm
     from nn_eval._model import pad_id_of
     from nn_eval.lm import make_segments

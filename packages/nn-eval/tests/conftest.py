@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nn_core.models import load_model
+from nn_core.model.loading import load_model
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from nn_core.masks import mask_neurons
-from nn_core.neuronset import NeuronSet
+from nn_core.intervene.masks import mask_neurons
+from nn_core.select.neuronset import NeuronSet
 from nn_eval import evaluate_lm
 from nn_eval.cli import main
 

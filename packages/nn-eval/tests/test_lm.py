@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from nn_core.errors import NNError
-from nn_core.masks import mask_neurons
-from nn_core.models import TINY_ARCHS
-from nn_core.neuronset import NeuronSet
+from nn_core.intervene.masks import mask_neurons
+from nn_core.model.loading import TINY_ARCHS
+from nn_core.select.neuronset import NeuronSet
 from nn_eval import NonFiniteLogits, evaluate_lm
 
 TEXTS = [

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     import torch
 
     from nn_core.data import tokenize_texts
-    from nn_core.models import load_model
+    from nn_core.model.loading import load_model
     from nn_ica.build import BuildConfig, capture_matrix, sample_texts
     from nn_ica.decompose import decompose, match_columns, select_channels, standardise_
 

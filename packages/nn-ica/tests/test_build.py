@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nn_core.errors import NNError
-from nn_core.models import load_model
+from nn_core.model.loading import load_model
 from nn_ica.build import BuildConfig, build_templates, capture_matrix
 
 TEXTS = [f"Sample text number {i}: the quick brown fox {i * 7} jumps over {i % 5} lazy dogs." for i in range(48)]

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from nn_core.errors import NNError
-from nn_core.hooks import capture
-from nn_core.masks import mask_neurons
-from nn_core.models import load_model
-from nn_core.sites import model_signature
+from nn_core.intervene.hooks import capture
+from nn_core.intervene.masks import mask_neurons
+from nn_core.model.adapters import model_signature
+from nn_core.model.loading import load_model
 from nn_ica.evaluate import evaluate_components
 from nn_ica.templates import Component, Templates
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from nn_core.errors import NNError
-from nn_core.models import load_model
-from nn_core.neuronset import NeuronSet
+from nn_core.model.loading import load_model
+from nn_core.select.neuronset import NeuronSet
 from nn_ica.templates import FORMAT, Component, Templates, component_iou, match_templates
 
 
@@ -17,7 +17,7 @@ def tiny():
 
 
 def make_templates(model, site="mlp_act"):
-    from nn_core.sites import model_signature
+    from nn_core.model.adapters import model_signature
 
     comps = [
         Component(0, {0: np.array([1, 5, 9]), 1: np.array([2])}, variance=0.3, threshold=0.1),

@@ -4,12 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from nn_core.adapters import get_adapter
 from nn_core.data import Example
 from nn_core.errors import NNError
-from nn_core.models import load_model
-from nn_core.sft import SFTConfig, base_model
-from nn_core.sites import model_signature
+from nn_core.model.adapters import get_adapter, model_signature
+from nn_core.model.loading import load_model
+from nn_core.train import SFTConfig, base_model
 from nn_ica.templates import Component, Templates
 from nn_ica.train import masked_finetune
 

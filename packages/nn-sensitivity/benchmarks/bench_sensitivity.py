@@ -58,7 +58,7 @@ def _timed(fn, repeats: int) -> list[float]:
 def bench_scoring(args) -> dict:
     import torch
 
-    from nn_core.models import load_model
+    from nn_core.model.loading import load_model
     from nn_sensitivity import score
 
     torch.manual_seed(0)

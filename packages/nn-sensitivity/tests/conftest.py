@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nn_core.models import load_model
+from nn_core.model.loading import load_model
 
 
 def make_batches(n_batches: int = 3, batch: int = 2, seq: int = 24, seed: int = 0,

@@ -20,7 +20,7 @@ def calibration_batches():
 
 
 def score_all(batches):
-    from nn_core.models import load_model
+    from nn_core.model.loading import load_model
     from nn_sensitivity.metrics import score
 
     torch.set_num_threads(1)

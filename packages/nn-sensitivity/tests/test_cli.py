@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from nn_core.weightset import WeightSet
+from nn_core.select.weightset import WeightSet
 from nn_sensitivity.cli import main
 
 TINY = ["--model", "tiny-llama", "--calib-blocks", "4", "--block-len", "32", "--batch-size", "2",

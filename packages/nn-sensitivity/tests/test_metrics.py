@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nn_core.errors import NNError
-from nn_core.hooks import capture
+from nn_core.intervene.hooks import capture
 from nn_sensitivity.batching import summed_nll
 from nn_sensitivity.metrics import METRICS, score
 from nn_sensitivity.params import eligible_params
@@ -109,7 +109,7 @@ def test_grad_squared_is_mean_of_squared_batch_gradients(llama, batches):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_act_mag_and_wanda_align_with_down_proj_input(arch, request, batches):
-    from nn_core.adapters import get_adapter
+    from nn_core.model.adapters import get_adapter
 
     model, _ = request.getfixturevalue(arch)
     ad = get_adapter(model)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from nn_core.errors import NNError
-from nn_core.models import load_model
+from nn_core.model.loading import load_model
 from nn_sensitivity.params import eligible_params, parse_layers
 
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from nn_core.errors import NNError
-from nn_core.models import load_model
-from nn_core.weightset import WeightSet
+from nn_core.model.loading import load_model
+from nn_core.select.weightset import WeightSet
 from nn_sensitivity.perturb import PERTURBATIONS, bit_flip_values, perturbed, perturbed_tensors
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]

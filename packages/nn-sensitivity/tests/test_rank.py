@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nn_core.errors import NNError
-from nn_core.weightset import WeightSet
+from nn_core.select.weightset import WeightSet
 from nn_sensitivity.metrics import Scores, score
 from nn_sensitivity.params import ParamInfo
 from nn_sensitivity.rank import bottom_k, check_controls, random_k, select, top_k

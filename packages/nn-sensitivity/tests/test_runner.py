@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nn_core.errors import NNError
-from nn_core.models import load_model
+from nn_core.model.loading import load_model
 from nn_sensitivity import runner
 from nn_sensitivity.runner import StudyConfig, calibration_batches, run_study
 

@@ -1,4 +1,6 @@
-"""``nn-core``: inspect a model's sites, work with selections, run the capture/mask demo.
+"""``nn-core``: inspect a model's sites and work with selections.
+
+The capture/lesion/restore walk-through is ``packages/nn-core/examples/capture_and_lesion.py``.
 
     nn-core sites smollm2-135m                 layers, module paths and widths
     nn-core neurons info sel.json              counts per layer and site, metadata
@@ -6,7 +8,6 @@
     nn-core neurons combine a.json b.json --op union --out c.json
     nn-core neurons import --from loki pos.json --model smollm2-135m --out sel.json
     nn-core neurons export --to fnsft sel.json --out template.json
-    nn-core demo                               capture, lesion 20 %, restore (runs/demo)
 
 Selections are NeuronSet JSON files; ``info``, ``compare`` and ``combine`` also take
 WeightSet ``.safetensors`` files.
@@ -16,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from nn_core.cli_common import add_common_args, cli_main, make_parser
 from nn_core.errors import NNError
+from nn_core.run.cli import add_common_args, cli_main, make_parser
 
 PROG = "nn-core"
 OPS = {"union": "|", "intersection": "&", "difference": "-", "symmetric-difference": "^"}
@@ -33,8 +33,8 @@ def _load_selection(path: str):
     """A WeightSet (``.safetensors``) or a NeuronSet (JSON)."""
     from pathlib import Path
 
-    from nn_core.neuronset import NeuronSet
-    from nn_core.weightset import WeightSet
+    from nn_core.select.neuronset import NeuronSet
+    from nn_core.select.weightset import WeightSet
 
     p = Path(path)
     if not p.is_file():
@@ -49,7 +49,7 @@ def _load_selection(path: str):
 
 # ------------------------------------------------------------------ sites
 def _load(args):
-    from nn_core.models import load_model
+    from nn_core.model.loading import load_model
 
     return load_model(args.model, device=args.device, dtype=args.dtype,
                       seed=getattr(args, "seed", 0))
@@ -57,7 +57,7 @@ def _load(args):
 
 def sites_report(model) -> dict:
     """``describe()`` of the model's adapter plus one row per layer."""
-    from nn_core.adapters import get_adapter
+    from nn_core.model.adapters import get_adapter
 
     ad = get_adapter(model)
     info = ad.describe()
@@ -140,7 +140,7 @@ def weight_info(ws) -> dict:
 
 def cmd_info(args) -> int:
     sel = _load_selection(args.file)
-    from nn_core.weightset import WeightSet
+    from nn_core.select.weightset import WeightSet
 
     info = weight_info(sel) if isinstance(sel, WeightSet) else neuron_info(sel)
     if args.json:
@@ -241,7 +241,7 @@ def cmd_compare(args) -> int:
     _check_models(a, b, args.ignore_model_id)
     if args.ignore_model_id:
         a, b = _strip_id(a), _strip_id(b)
-    from nn_core.neuronset import NeuronSet
+    from nn_core.select.neuronset import NeuronSet
 
     report = compare_neuronsets(a, b) if isinstance(a, NeuronSet) else compare_weightsets(a, b)
     if args.json:
@@ -289,7 +289,7 @@ def cmd_combine(args) -> int:
 
 # ------------------------------------------------------------------ import / export
 def cmd_import(args) -> int:
-    from nn_core import formats
+    from nn_core.select import formats
 
     model, _ = _load(args)
     if args.fmt == "loki":
@@ -306,8 +306,8 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from nn_core import formats
-    from nn_core.neuronset import NeuronSet
+    from nn_core.select import formats
+    from nn_core.select.neuronset import NeuronSet
 
     ns = NeuronSet.load(args.file)
     if args.fmt == "loki":
@@ -318,133 +318,11 @@ def cmd_export(args) -> int:
     return 0
 
 
-# ------------------------------------------------------------------ demo
-def _next_token_change(base, other, mask) -> dict:
-    """Mean KL(p_base || p_other) over real tokens (nats) and top-1 agreement."""
-    import torch
-
-    keep = mask.reshape(-1).bool()
-    lp = torch.log_softmax(base.reshape(-1, base.shape[-1])[keep].double(), -1)
-    lq = torch.log_softmax(other.reshape(-1, other.shape[-1])[keep].double(), -1)
-    kl = (lp.exp() * (lp - lq)).sum(-1)
-    agree = (lp.argmax(-1) == lq.argmax(-1)).double()
-    return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
-            "top1_agreement": float(agree.mean())}
-
-
-def cmd_demo(args) -> int:
-    import time
-    from pathlib import Path
-
-    import numpy as np
-    import torch
-
-    from nn_core.adapters import get_adapter
-    from nn_core.cli_common import args_config
-    from nn_core.data import collate, load_texts, sample, tokenize_texts
-    from nn_core.device import seed_everything
-    from nn_core.hooks import capture
-    from nn_core.io import atomic_write_json
-    from nn_core.manifest import PhaseTimer, write_manifest
-    from nn_core.masks import mask_neurons
-    from nn_core.neuronset import NeuronSet
-
-    if not 0.0 < args.fraction < 1.0:
-        raise NNError(f"--fraction must be between 0 and 1, got {args.fraction}")
-    out = Path(args.out)
-    timer = PhaseTimer()
-    seed_everything(args.seed)
-    t0 = time.perf_counter()
-    with timer("load"):
-        model, tok = _load(args)
-    ad = get_adapter(model)
-    print_sites(sites_report(model))
-
-    with timer("data"):
-        texts = sample(load_texts("pydoc"), args.texts, args.seed)
-        ids = tokenize_texts(tok, texts, max_length=args.max_tokens)
-        batch = collate(ids, tok.pad_token_id)
-        device = next(model.parameters()).device
-        inputs = {"input_ids": batch["input_ids"].to(device),
-                  "attention_mask": batch["attention_mask"].to(device)}
-    n_tokens = int(batch["attention_mask"].sum())
-
-    sites = [(layer, "mlp_act") for layer in range(ad.num_layers)]
-    with timer("capture"):
-        cap = capture(model, sites, [inputs], reducer="mean")
-
-    rng = np.random.default_rng(args.seed)
-    width = ad.intermediate_size
-    k = max(1, round(args.fraction * width))
-    random_ns = NeuronSet.for_model(
-        model, {s: rng.choice(width, size=k, replace=False) for s in sites},
-        method="random", parameters={"fraction": args.fraction, "seed": args.seed})
-    # Contrast: the same number of neurons per layer, those with the largest |mean activation|.
-    top_ns = NeuronSet.for_model(
-        model, {s: torch.topk(cap[s].abs(), k).indices.numpy() for s in sites},
-        method="top_abs_mean_activation", parameters={"fraction": args.fraction, "texts": args.texts})
-
-    with timer("interventions"), torch.no_grad():
-        base = model(**inputs).logits.float().cpu()
-        with mask_neurons(model, random_ns, "lesion"):
-            lesioned = model(**inputs).logits.float().cpu()
-        with mask_neurons(model, top_ns, "lesion"):
-            top_lesioned = model(**inputs).logits.float().cpu()
-        restored = model(**inputs).logits.float().cpu()
-    exact = bool(torch.equal(base, restored))
-    mask = batch["attention_mask"]
-    results = {
-        "model": args.model,
-        "num_layers": ad.num_layers,
-        "widths": ad.widths(),
-        "texts": args.texts,
-        "tokens": n_tokens,
-        "lesion_fraction": args.fraction,
-        "lesioned_per_layer": k,
-        "capture": {
-            "reducer": "mean",
-            "tokens": cap.n_tokens,
-            "per_layer": [{"layer": s[0], "mean_abs": float(cap[s].abs().mean()),
-                           "max_abs": float(cap[s].abs().max())} for s in sites],
-        },
-        "random_lesion": _next_token_change(base, lesioned, mask),
-        "top_activation_lesion": _next_token_change(base, top_lesioned, mask),
-        "restored_exactly": exact,
-        "max_abs_logit_diff_after_restore": float((base - restored).abs().max()),
-    }
-    results["wall_seconds"] = round(time.perf_counter() - t0, 3)
-
-    random_ns.save(out / "neurons.json")
-    top_ns.save(out / "top_activation_neurons.json")
-    atomic_write_json(out / "results.json", results)
-    write_manifest(out, config=args_config(args), model=model, model_spec=args.model,
-                   seeds=args.seed, phases=timer,
-                   outputs=["neurons.json", "top_activation_neurons.json", "results.json"])
-
-    r, t = results["random_lesion"], results["top_activation_lesion"]
-    print(f"\ncaptured mean mlp_act activations over {cap.n_tokens} tokens of {args.texts} pydoc texts")
-    print(f"lesion of a random {args.fraction:.0%} of mlp_act neurons per layer ({k}/{width}):")
-    print(f"  next-token KL {r['kl_mean']:.4f} nats (max {r['kl_max']:.4f}), "
-          f"top-1 agreement {r['top1_agreement']:.1%}")
-    print(f"lesion of the {k} neurons per layer with the largest |mean activation|:")
-    print(f"  next-token KL {t['kl_mean']:.4f} nats (max {t['kl_max']:.4f}), "
-          f"top-1 agreement {t['top1_agreement']:.1%}")
-    print(f"mask removed: logits restored {'exactly' if exact else 'NOT exactly'} "
-          f"(max |diff| {results['max_abs_logit_diff_after_restore']:g})")
-    print(f"wrote {out}/neurons.json, results.json, manifest.json")
-    if not exact:
-        print(f"{PROG}: error: logits differ after removing the mask; a hook leaked", file=sys.stderr)
-        return 1
-    return 0
-
-
 # ------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = make_parser(PROG, "Inspect a model's sites, work with neuron selections and run "
-                               "the capture/mask demo.",
+    parser = make_parser(PROG, "Inspect a model's sites and work with neuron selections.",
                          "examples:\n  nn-core sites smollm2-135m\n"
-                         "  nn-core neurons compare a.json b.json --json\n"
-                         "  nn-core demo --model tiny-llama --out runs/demo")
+                         "  nn-core neurons compare a.json b.json --json")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("sites", help="print layers, module paths and site widths of a model")
@@ -498,14 +376,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="site to export (default: mlp_out for loki, mlp_act for fnsft)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("demo", help="sites, activation capture, a 20%% lesion and exact restore")
-    add_common_args(p, defaults={"out": "runs/demo"})
-    p.add_argument("--texts", type=int, default=8, metavar="N", help="pydoc texts (default: %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=64, metavar="N",
-                   help="tokens per text (default: %(default)s)")
-    p.add_argument("--fraction", type=float, default=0.2,
-                   help="fraction of mlp_act neurons lesioned per layer (default: %(default)s)")
-    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -84,6 +84,6 @@ def run_with_intervention(model: nn.Module, intervention, fn):
     if _hook_count(model) != before:
         raise NNError(
             "the intervention left forward hooks on the model after it exited: "
-            "use a context manager that removes what it registers (e.g. nn_core.masks.mask_neurons)"
+            "use a context manager that removes what it registers (e.g. nn_core.intervene.masks.mask_neurons)"
         )
     return baseline, changed

@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from nn_core.cli_common import add_common_args, cli_main, make_parser
 from nn_core.errors import NNError
+from nn_core.run.cli import add_common_args, cli_main, make_parser
 
 PROG = "nn-eval"
 
@@ -40,14 +40,14 @@ def _progress(label: str):
 
 
 def _out_dir(args) -> Path:
-    from nn_core.manifest import run_dir
+    from nn_core.run.manifest import run_dir
 
     return Path(args.out) if args.out else run_dir(Path("runs") / "nn-eval")
 
 
 def _load(args):
     from nn_core.device import seed_everything
-    from nn_core.models import load_model
+    from nn_core.model.loading import load_model
 
     seed_everything(args.seed)
     return load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
@@ -72,9 +72,9 @@ def _note_clamp(args, used: int) -> None:
 
 def _finish(out: Path, name: str, result: dict, args, *, model=None, timer=None,
             extra_outputs: list[str] | None = None) -> None:
-    from nn_core.cli_common import args_config
     from nn_core.io import atomic_write_json
-    from nn_core.manifest import write_manifest
+    from nn_core.run.cli import args_config
+    from nn_core.run.manifest import write_manifest
 
     atomic_write_json(out / name, result)
     write_manifest(out, config=args_config(args), model=model,
@@ -86,7 +86,7 @@ def _finish(out: Path, name: str, result: dict, args, *, model=None, timer=None,
 # --------------------------------------------------------------------------- ppl
 def cmd_ppl(args) -> int:
     from nn_core.data import load_texts, split_texts
-    from nn_core.manifest import PhaseTimer
+    from nn_core.run.manifest import PhaseTimer
     from nn_eval.lm import evaluate_lm
 
     _positive("limit", args.limit)
@@ -105,8 +105,8 @@ def cmd_ppl(args) -> int:
         model, tok = _load(args)
     intervention = None
     if args.neurons:
-        from nn_core.masks import mask_neurons
-        from nn_core.neuronset import NeuronSet
+        from nn_core.intervene.masks import mask_neurons
+        from nn_core.select.neuronset import NeuronSet
 
         ns = NeuronSet.load(args.neurons)
         intervention = mask_neurons(model, ns, args.mode or "lesion")
@@ -133,7 +133,7 @@ def cmd_ppl(args) -> int:
 
 # --------------------------------------------------------------------------- mc
 def cmd_mc(args) -> int:
-    from nn_core.manifest import PhaseTimer
+    from nn_core.run.manifest import PhaseTimer
     from nn_eval.multiple_choice import load_mc, score_multiple_choice
 
     _need_data(args, "FILE")
@@ -168,7 +168,7 @@ def _gen_examples(spec: str, limit: int | None, seed: int):
 
 
 def cmd_gen(args) -> int:
-    from nn_core.manifest import PhaseTimer
+    from nn_core.run.manifest import PhaseTimer
     from nn_eval.generation import exact_match
 
     _need_data(args, "FILE|task:NAME")
@@ -212,8 +212,8 @@ def cmd_tasks_export(args) -> int:
     names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TASKS)
     out = Path(args.out)
     paths = export_tasks(out, names, n_train=args.n_train, n_eval=args.n_eval, seed=args.seed)
-    from nn_core.cli_common import args_config
-    from nn_core.manifest import write_manifest
+    from nn_core.run.cli import args_config
+    from nn_core.run.manifest import write_manifest
 
     write_manifest(out, config=args_config(args), seeds=args.seed,
                    outputs=[p.relative_to(out).as_posix() for p in paths])

@@ -102,7 +102,7 @@ class ActivationMatrix:
 
 
 def _layer_list(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
-    from nn_core.adapters import get_adapter
+    from nn_core.model.adapters import get_adapter
 
     ad = get_adapter(model)
     if layers is None:
@@ -135,8 +135,8 @@ def capture_matrix(
     """
     from tqdm.auto import tqdm
 
-    from nn_core.adapters import get_adapter
-    from nn_core.hooks import hooked
+    from nn_core.intervene.hooks import hooked
+    from nn_core.model.adapters import get_adapter
 
     if site not in CAPTURE_SITES:
         raise NNError(f"ICA templates are built at {' or '.join(CAPTURE_SITES)}, not '{site}'")
@@ -261,7 +261,7 @@ def build_templates(
     ``device`` is where the matrix and the torch backend run (default: the model's).
     """
     from nn_core.data import tokenize_texts
-    from nn_core.sites import model_signature
+    from nn_core.model.adapters import model_signature
 
     cfg = (config or BuildConfig()).check()
     t_start = time.perf_counter()

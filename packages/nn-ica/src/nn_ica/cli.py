@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from nn_core.cli_common import add_common_args, args_config, cli_main, make_parser
 from nn_core.errors import NNError
+from nn_core.run.cli import add_common_args, args_config, cli_main, make_parser
 
 EPILOG = """examples:
   nn-ica build smollm2-135m pydoc --out runs/ica
@@ -74,7 +74,7 @@ def eval_datasets(templates, data: list[str] | None) -> list[str]:
 
 
 def _load(args, spec: str | None, *, what: str):
-    from nn_core.models import load_model
+    from nn_core.model.loading import load_model
 
     if not spec:
         raise NNError(f"no model for {what}: pass --model (the templates do not name one)")
@@ -82,7 +82,7 @@ def _load(args, spec: str | None, *, what: str):
 
 
 def _write_outputs(out: Path, args, model, spec: str, phases: dict, extra: dict) -> None:
-    from nn_core.manifest import write_manifest
+    from nn_core.run.manifest import write_manifest
 
     write_manifest(out, config=args_config(args), model=model, model_spec=spec, seeds=args.seed,
                    phases=phases, extra=extra)
@@ -193,7 +193,7 @@ def _eval(args) -> int:
 
 def _train(args) -> int:
     from nn_core.data import load_instructions
-    from nn_core.sft import SFTConfig
+    from nn_core.train import SFTConfig
     from nn_ica.templates import Templates
     from nn_ica.train import masked_finetune
 
@@ -212,7 +212,7 @@ def _train(args) -> int:
     ).check()
     if args.quantization and args.method != "qlora":
         raise NNError("--quantization needs --method qlora")
-    from nn_core.models import load_model
+    from nn_core.model.loading import load_model
 
     model, tok = load_model(spec, device=args.device, dtype=args.dtype, seed=args.seed,
                             quantization=args.quantization)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from nn_core.errors import NNError
-from nn_core.masks import check_mode, mask_neurons
+from nn_core.intervene.masks import check_mode, mask_neurons
 from nn_ica.templates import Templates
 
 

@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from nn_core.errors import NNError
-from nn_core.neuronset import NeuronSet
-from nn_core.sites import SITES, model_signature
+from nn_core.model.adapters import model_signature
+from nn_core.model.sites import SITES
+from nn_core.select.neuronset import NeuronSet
 
 FORMAT = "nn.ica-templates/1"
 
@@ -206,7 +207,7 @@ class Templates:
         params = {"components": list(ids), "percentile": self.metadata.get("percentile"),
                   "backend": self.metadata.get("backend"), "seed": self.metadata.get("seed")}
         # The layers the templates analysed: a selection says nothing about the others, so
-        # preserve masks only these layers (nn_core.masks honours meta["layers"]).
+        # preserve masks only these layers (nn_core.intervene.masks honours meta["layers"]).
         scope = {"layers": [int(x) for x in self.layers]} if self.layers is not None else {}
         if model is not None:
             return NeuronSet.for_model(model, entries, sites=[self.site], method="ica", parameters=params, **scope)
@@ -236,10 +237,10 @@ class Templates:
 
     @classmethod
     def from_fnsft(cls, obj: Mapping, *, site: str = "mlp_act") -> Templates:
-        """Import FunctionalNetworksSFT templates through :mod:`nn_core.formats` (their masks
+        """Import FunctionalNetworksSFT templates through :mod:`nn_core.select.formats` (their masks
         act on the down-projection input, i.e. ``mlp_act``). Numeric component ids are kept;
         other names get ids 0, 1, ... in file order and keep their name as ``name``."""
-        from nn_core.formats import neuronsets_from_fnsft
+        from nn_core.select.formats import neuronsets_from_fnsft
 
         sets = neuronsets_from_fnsft(obj, site=site)
         meta_in = dict(obj.get("metadata") or obj.get("meta") or {}) if isinstance(obj, Mapping) else {}

@@ -1,7 +1,7 @@
 """Masked fine-tuning: train with ICA networks lesioned or preserved.
 
 The chosen components' union S is masked in the forward pass for the whole run
-(:func:`nn_core.masks.mask_neurons`, modes as in :mod:`nn_ica.evaluate`). The mask is
+(:func:`nn_core.intervene.masks.mask_neurons`, modes as in :mod:`nn_ica.evaluate`). The mask is
 attached to the down-projection *after* PEFT wraps the model, so it sits on the LoRA
 layer itself and gates the input (``mlp_act``) or output (``mlp_out``) of the frozen
 weight and of the LoRA path alike. A masked channel therefore contributes nothing to the
@@ -20,7 +20,7 @@ That matters whenever the model is later used *without* the mask (the point of
 protecting a network from forgetting). ``freeze_masked=True`` makes it exact: the weight
 slices owned by masked channels (lesion: S; preserve: everything outside S) stay
 bit-identical. Full fine-tuning of the down-projection uses a row/column
-:class:`~nn_core.masks.WeightMask` (zero gradient + write-back after every optimizer
+:class:`~nn_core.intervene.masks.WeightMask` (zero gradient + write-back after every optimizer
 step) and freezes the down-projection's bias, which belongs to no channel; LoRA zeroes ``A[:, j]`` (``B[c, :]`` for ``mlp_out``) of masked channels before
 training and keeps them zero the same way, so ``ΔW`` is exactly zero on those slices and
 the merged weight equals the original there. A channel j of ``mlp_act`` owns column j of
@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from nn_core.errors import NNError
-from nn_core.masks import WeightMask, check_mode, mask_neurons
-from nn_core.neuronset import NeuronSet
+from nn_core.intervene.masks import WeightMask, check_mode, mask_neurons
+from nn_core.select.neuronset import NeuronSet
 from nn_ica.templates import Templates
 
 
@@ -46,8 +46,8 @@ def lora_channel_mask(peft_model: nn.Module, neurons: NeuronSet, mode: str) -> W
     """A WeightMask over the down-projections' LoRA matrices that freezes (and zeroes)
     the slices of masked channels: ``A[:, j]`` for ``mlp_act`` channel j, ``B[c, :]``
     for ``mlp_out`` channel c. Masked means "in S" for lesion, "not in S" for preserve."""
-    from nn_core.adapters import get_adapter
-    from nn_core.sft import base_model
+    from nn_core.model.adapters import get_adapter
+    from nn_core.train import base_model
 
     check_mode(mode)
     base = base_model(peft_model)
@@ -96,10 +96,10 @@ def masked_finetune(
 ):
     """Fine-tune ``model`` with components ``components`` masked (see the module docs).
 
-    ``config`` is an :class:`nn_core.sft.SFTConfig`; with ``method="full"`` and no
+    ``config`` is an :class:`nn_core.train.SFTConfig`; with ``method="full"`` and no
     ``trainable_modules`` only the down-projections train. Writes the adapter (or model),
     ``mask.json`` (the NeuronSet, to re-apply the mask at inference) and ``manifest.json``
-    under ``config.output_dir``. Returns the :class:`nn_core.sft.SFTResult`.
+    under ``config.output_dir``. Returns the :class:`nn_core.train.SFTResult`.
 
     ``site``, when given, must be the templates' site. A run fingerprint (templates
     content, component ids, mode, freeze flag, SFT settings, training data) is written to
@@ -109,8 +109,8 @@ def masked_finetune(
     """
     from pathlib import Path
 
-    from nn_core.adapters import get_adapter
-    from nn_core.sft import (
+    from nn_core.model.adapters import get_adapter
+    from nn_core.train import (
         WeightMaskCallback,
         base_model,
         build_trainer,
@@ -135,7 +135,7 @@ def masked_finetune(
     cbs = list(callbacks)
     if freeze_masked:
         if config.method == "full":
-            from nn_core.masks import down_proj_weight_mask
+            from nn_core.intervene.masks import down_proj_weight_mask
 
             # A bias (GPT-2, OPT) belongs to no channel: training it would move every output.
             for layer in range(get_adapter(base).num_layers):

@@ -38,7 +38,7 @@ def _flat(values) -> list:
 
 
 def _add_run(sub) -> None:
-    from nn_core.cli_common import add_common_args
+    from nn_core.run.cli import add_common_args
 
     p = sub.add_parser(
         "run", help="score, rank, perturb against controls, evaluate and plot",
@@ -134,7 +134,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(sub) -> None:
-    from nn_core.cli_common import add_common_args
+    from nn_core.run.cli import add_common_args
 
     p = sub.add_parser(
         "evaluate", help="perturb a saved WeightSet and measure the held-out change",
@@ -185,7 +185,7 @@ def _metrics(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nn_core.cli_common import cli_main, make_parser
+    from nn_core.run.cli import cli_main, make_parser
 
     parser = make_parser("nn-sensitivity",
                          "Per-weight sensitivity: score, rank against controls, perturb, "

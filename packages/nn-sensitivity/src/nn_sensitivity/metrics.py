@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nn_core.adapters import linear_in_out
 from nn_core.device import input_device
 from nn_core.errors import NNError
+from nn_core.model.adapters import linear_in_out
 from nn_sensitivity import dist
 from nn_sensitivity.batching import prepare, split_rows, summed_nll
 from nn_sensitivity.params import ParamInfo, eligible_params, resolve_params
@@ -358,8 +358,7 @@ def check_metric(name: str) -> Callable:
 
 def _model_meta(model: nn.Module) -> dict:
     """What a selection records about the model it was scored on."""
-    from nn_core.adapters import get_adapter
-    from nn_core.sites import model_signature
+    from nn_core.model.adapters import get_adapter, model_signature
 
     sig = model_signature(model)
     return {"model_id": sig["model_id"], "model_type": sig["model_type"],

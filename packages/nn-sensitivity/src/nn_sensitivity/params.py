@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nn_core.adapters import get_adapter, is_conv1d, linear_in_out
 from nn_core.errors import NNError
+from nn_core.model.adapters import get_adapter, is_conv1d, linear_in_out
 
 
 @dataclass(frozen=True)

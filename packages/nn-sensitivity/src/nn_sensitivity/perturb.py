@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from nn_core.errors import NNError
-from nn_core.weightset import WeightSet
+from nn_core.select.weightset import WeightSet
 
 PERTURBATIONS = ("zero", "sign_flip", "gauss_noise", "bit_flip")
 

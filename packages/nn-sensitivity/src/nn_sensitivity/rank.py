@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from nn_core.errors import NNError
-from nn_core.weightset import WeightSet, sample_indices
+from nn_core.select.weightset import WeightSet, sample_indices
 from nn_sensitivity.metrics import Scores
 from nn_sensitivity.params import ParamInfo
 

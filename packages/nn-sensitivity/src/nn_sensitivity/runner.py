@@ -239,8 +239,8 @@ def run_study(cfg: StudyConfig, *, model=None, tokenizer=None, progress: bool | 
     from tqdm.auto import tqdm
 
     from nn_core.io import atomic_dir, atomic_write_json, atomic_write_text
-    from nn_core.manifest import PhaseTimer, write_manifest
-    from nn_core.models import load_model
+    from nn_core.model.loading import load_model
+    from nn_core.run.manifest import PhaseTimer, write_manifest
 
     cfg = cfg.check()
     timer = PhaseTimer()
@@ -388,9 +388,9 @@ def evaluate_weightset(cfg: StudyConfig, weights: str | Path, *, model=None, tok
     ``cfg.model`` and measure the held-out change; writes ``evaluation.json`` and
     ``manifest.json`` under ``cfg.out``. A set made for another model is an NNError."""
     from nn_core.io import atomic_dir, atomic_write_json
-    from nn_core.manifest import PhaseTimer, write_manifest
-    from nn_core.models import load_model
-    from nn_core.weightset import WeightSet
+    from nn_core.model.loading import load_model
+    from nn_core.run.manifest import PhaseTimer, write_manifest
+    from nn_core.select.weightset import WeightSet
 
     check_perturbation(cfg.perturb)
     timer = PhaseTimer()

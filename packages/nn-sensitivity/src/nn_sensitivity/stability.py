@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from nn_core.weightset import WeightSet
+from nn_core.select.weightset import WeightSet
 
 
 def jaccard_matrix(sets: Sequence[WeightSet]) -> np.ndarray:

@@ -170,8 +170,7 @@ class WeightSet:
 
         ``shapes`` records every parameter named in ``entries``; unknown names raise.
         """
-        from nn_core.adapters import get_adapter
-        from nn_core.sites import model_signature
+        from nn_core.model.adapters import get_adapter, model_signature
 
         sig = model_signature(model)
         params = dict(model.named_parameters())
@@ -305,7 +304,7 @@ class WeightSet:
     def _combine(self, other: WeightSet, op) -> WeightSet:
         if not isinstance(other, WeightSet):
             return NotImplemented
-        from nn_core.neuronset import _check_compatible
+        from nn_core.select.neuronset import _check_compatible
 
         _check_compatible(self._meta, other._meta)
         shapes = dict(other.shapes)
@@ -348,7 +347,7 @@ class WeightSet:
 
     def jaccard(self, other: WeightSet) -> float:
         """|A ∩ B| / |A ∪ B|, with |A ∪ B| = |A| + |B| - |A ∩ B| (1.0 for two empty sets)."""
-        from nn_core.neuronset import _check_compatible
+        from nn_core.select.neuronset import _check_compatible
 
         _check_compatible(self._meta, other._meta)
         inter = self.intersection_size(other)
@@ -380,8 +379,8 @@ class WeightSet:
     def validate(self, model, *, check_id: bool = True) -> WeightSet:
         """Raise :class:`NNError` unless every parameter exists in ``model`` with the
         recorded shape and every index is below its number of entries."""
-        from nn_core.neuronset import _check_against
-        from nn_core.sites import model_signature
+        from nn_core.model.adapters import model_signature
+        from nn_core.select.neuronset import _check_against
 
         sig = model_signature(model)
         _check_against(self._meta, sig, what="weight set", check_id=check_id)
@@ -411,8 +410,8 @@ class WeightSet:
         Parameters that are not a down-projection weight are skipped; how many (and how
         many entries they held) is recorded in ``meta["parameters"]["skipped"]``.
         """
-        from nn_core.adapters import get_adapter
-        from nn_core.neuronset import NeuronSet
+        from nn_core.model.adapters import get_adapter
+        from nn_core.select.neuronset import NeuronSet
 
         if by not in ("columns", "rows"):
             raise NNError(f"unknown by='{by}': use 'columns' (mlp_act) or 'rows' (mlp_out)")

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from nn_core.errors import NNError
-from nn_core.sites import SITES, SiteRef, as_site_ref, model_signature
+from nn_core.model.adapters import model_signature
+from nn_core.model.sites import SITES, SiteRef, as_site_ref
 
 FORMAT = "nn.neuronset/1"
 
@@ -271,7 +272,7 @@ class NeuronSet:
         fmt = obj.get("format") if isinstance(obj, Mapping) else None
         if fmt != FORMAT:
             raise NNError(f"not a NeuronSet file (format {fmt!r}, expected {FORMAT!r}): "
-                          "foreign formats are read with nn_core.formats")
+                          "foreign formats are read with nn_core.select.formats")
         neurons, meta = obj.get("neurons") or {}, obj.get("meta") or {}
         if not isinstance(neurons, Mapping) or not isinstance(meta, Mapping):
             raise NNError("malformed NeuronSet file: 'neurons' and 'meta' must be JSON objects")

@@ -15,7 +15,8 @@ from torch import nn
 
 from nn_core.device import input_device
 from nn_core.errors import NNError
-from nn_core.sites import SiteRef, as_site_ref, site_module
+from nn_core.model.adapters import site_module
+from nn_core.model.sites import SiteRef, as_site_ref
 
 SiteFn = Callable[[torch.Tensor], torch.Tensor | None]
 

@@ -187,7 +187,7 @@ def platform_info() -> dict:
 
 
 def _hash_cache_path() -> Path:
-    from nn_core.models import cache_dir
+    from nn_core.model.loading import cache_dir
 
     return cache_dir() / "file_hashes.json"
 
@@ -197,7 +197,7 @@ def cached_sha256(path: str | Path) -> str:
     multi-gigabyte weights file is hashed once, not on every run."""
     import json
 
-    from nn_core.models import file_sha256
+    from nn_core.model.loading import file_sha256
 
     path = Path(path).resolve()
     st = path.stat()
@@ -227,7 +227,7 @@ def model_info(model=None, model_spec: str | None = None) -> dict | None:
     """
     if model is None and model_spec is None:
         return None
-    from nn_core.adapters import model_id
+    from nn_core.model.adapters import model_id
 
     config = getattr(model, "config", None)
     spec = model_spec or (model_id(model) if model is not None else "")
@@ -250,7 +250,7 @@ def model_info(model=None, model_spec: str | None = None) -> dict | None:
 
 
 def _weights_identity(spec: str) -> dict | None:
-    from nn_core.models import SMOLLM2_ALIAS, smollm2_gguf_path
+    from nn_core.model.loading import SMOLLM2_ALIAS, smollm2_gguf_path
 
     if not spec:
         return None

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
 from nn_core.errors import NNError
 
 SITES: tuple[str, ...] = ("mlp_act", "mlp_out", "resid")
@@ -60,29 +58,3 @@ def as_site_ref(key) -> SiteRef:
         return SiteRef.parse(key)
     layer, site = key
     return SiteRef(int(layer), site)
-
-
-def model_signature(model: nn.Module) -> dict:
-    """What a selection records about the model it was made for."""
-    from nn_core.adapters import get_adapter, model_id
-
-    ad = get_adapter(model)
-    return {
-        "model_id": model_id(model),
-        "model_type": ad.model_type,
-        "num_layers": ad.num_layers,
-        "widths": ad.widths(),
-    }
-
-
-def site_module(model: nn.Module, ref: SiteRef) -> tuple[nn.Module, str]:
-    """The module to hook for ``ref`` and how: ``"pre"`` (its input) or ``"post"`` (its output)."""
-    from nn_core.adapters import get_adapter
-
-    ad = get_adapter(model)
-    ref = as_site_ref(ref)
-    if ref.site == "mlp_act":
-        return ad.down_proj(ref.layer), "pre"
-    if ref.site == "mlp_out":
-        return ad.down_proj(ref.layer), "post"
-    return ad.layer(ref.layer), "post"

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from nn_core.errors import NNError
+from nn_core.model.sites import SITES, SiteRef, as_site_ref, check_site
 
 
 @dataclass(frozen=True)
@@ -152,13 +153,11 @@ class ModelAdapter:
         return 0 if self.conv1d else 1
 
     def width(self, site: str) -> int:
-        from nn_core.sites import check_site
 
         site = check_site(site)
         return self.intermediate_size if site == "mlp_act" else self.hidden_size
 
     def widths(self) -> dict[str, int]:
-        from nn_core.sites import SITES
 
         return {s: self.width(s) for s in SITES}
 
@@ -245,3 +244,25 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         adapter = _structural(model)
     object.__setattr__(model, "_nn_adapter", adapter)
     return adapter
+
+
+def model_signature(model: nn.Module) -> dict:
+    """What a selection records about the model it was made for."""
+    ad = get_adapter(model)
+    return {
+        "model_id": model_id(model),
+        "model_type": ad.model_type,
+        "num_layers": ad.num_layers,
+        "widths": ad.widths(),
+    }
+
+
+def site_module(model: nn.Module, ref: SiteRef) -> tuple[nn.Module, str]:
+    """The module to hook for ``ref`` and how: ``"pre"`` (its input) or ``"post"`` (its output)."""
+    ad = get_adapter(model)
+    ref = as_site_ref(ref)
+    if ref.site == "mlp_act":
+        return ad.down_proj(ref.layer), "pre"
+    if ref.site == "mlp_out":
+        return ad.down_proj(ref.layer), "post"
+    return ad.layer(ref.layer), "post"

@@ -31,8 +31,8 @@ from pathlib import Path
 
 from nn_core.errors import NNError
 from nn_core.io import read_json
-from nn_core.neuronset import NeuronSet
-from nn_core.sites import SITES
+from nn_core.model.sites import SITES
+from nn_core.select.neuronset import NeuronSet
 
 LOKI_SITE = "mlp_out"
 FNSFT_SITE = "mlp_act"
@@ -71,7 +71,7 @@ def _build(entries: dict, site: str, *, model, num_layers, width, method, parame
         raise NNError(f"unknown site '{site}': use one of {', '.join(SITES)}")
     meta = {"sites": [site], "method": method, "parameters": parameters, **(extra_meta or {})}
     if model is not None:
-        from nn_core.adapters import get_adapter
+        from nn_core.model.adapters import get_adapter
 
         ad = get_adapter(model)
         if num_layers is not None and num_layers != ad.num_layers:
@@ -311,7 +311,7 @@ def neuronset_to_fnsft(sets, path=None, *, metadata: Mapping | None = None,
         n_layers = max(n_layers, _num_layers_of(ns))
         model_id = model_id or ns.meta.get("model_id")
     meta = {"num_components": len(components), "num_layers": n_layers, "site": site,
-            "model_name": model_id, "exported_by": "nn_core.formats", "created_at": _now()}
+            "model_name": model_id, "exported_by": "nn_core.select.formats", "created_at": _now()}
     meta.update(metadata or {})
     out = {"components": components, "metadata": meta}
     if path is not None:

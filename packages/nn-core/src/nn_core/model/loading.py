@@ -30,7 +30,7 @@ _TINY_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
 def _tiny_configs() -> dict:
     import transformers as T
 
-    from nn_core.tokenizer import VOCAB_SIZE
+    from nn_core.model.tokenizer import VOCAB_SIZE
 
     ids = dict(bos_token_id=256, eos_token_id=256, pad_token_id=257)
     gqa = dict(_TINY_COMMON, num_key_value_heads=2, vocab_size=VOCAB_SIZE, **ids)
@@ -73,7 +73,7 @@ def tiny_model(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A random-initialised small model of ``arch`` and the byte-level tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from nn_core.tokenizer import byte_tokenizer
+    from nn_core.model.tokenizer import byte_tokenizer
 
     configs = _tiny_configs()
     if arch not in configs:
@@ -259,7 +259,7 @@ def _finish(model, tok, dev: torch.device, spec: str, *, quantized: bool):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     # Attach the adapter now so an unsupported architecture fails at load time.
-    from nn_core.adapters import get_adapter
+    from nn_core.model.adapters import get_adapter
 
     get_adapter(model)
     return model, tok

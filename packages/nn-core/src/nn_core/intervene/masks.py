@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from nn_core.errors import NNError
-from nn_core.hooks import register_site_hooks
-from nn_core.neuronset import NeuronSet
-from nn_core.sites import SiteRef
+from nn_core.intervene.hooks import register_site_hooks
+from nn_core.model.sites import SiteRef
+from nn_core.select.neuronset import NeuronSet
 
 MODES = ("lesion", "preserve")
 
@@ -40,7 +40,7 @@ def check_mode(mode: str) -> str:
 
 def site_masks(model: nn.Module, neurons: NeuronSet, mode: str) -> dict[SiteRef, torch.Tensor]:
     """The 0/1 float vectors ``mask_neurons`` applies, per (layer, site)."""
-    from nn_core.adapters import get_adapter
+    from nn_core.model.adapters import get_adapter
 
     check_mode(mode)
     ad = get_adapter(model)
@@ -171,7 +171,7 @@ def down_proj_weight_mask(model: nn.Module, neurons: NeuronSet, mode: str = "pre
     layers without a selected channel are entirely frozen (preserve) or entirely trainable
     (lesion); layers outside ``meta["layers"]`` are not constrained.
     """
-    from nn_core.adapters import get_adapter
+    from nn_core.model.adapters import get_adapter
 
     check_mode(mode)
     ad = get_adapter(model)

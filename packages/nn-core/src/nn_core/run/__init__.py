@@ -1,0 +1,1 @@
+"""Running a tool: manifests (provenance) and the shared CLI plumbing."""

@@ -1,0 +1,1 @@
+"""Selections: :class:`NeuronSet`, :class:`WeightSet` and foreign selection formats."""
