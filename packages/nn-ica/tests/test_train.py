@@ -180,3 +180,20 @@ def test_lora_freeze_on_gpt2_conv1d(tmp_path):
         assert torch.equal(delta.index_select(dim, masked), torch.zeros_like(delta.index_select(dim, masked)))
         kept = torch.nonzero(passes).flatten()
         assert delta.index_select(dim, kept).abs().sum() > 0
+
+
+def test_lora_preserve_freeze_leaves_layers_outside_the_templates_free(tmp_path):
+    """Templates built on layer 0 only say nothing about layer 1: preserve + freeze must not
+    zero or freeze layer 1's LoRA (it used to: every layer was looped over)."""
+    model, tok = load_model("tiny-llama")
+    t = Templates({**model_signature(model), "site": "mlp_act", "layers": [0]},
+                  [Component(0, {0: NET[0]}, variance=0.1)])
+    res = masked_finetune(model, tok, EXAMPLES, t, [0], cfg(tmp_path, method="lora"),
+                          mode="preserve", freeze_masked=True)
+    ad = get_adapter(base_model(res.model))
+    d0 = ad.down_proj(0).get_delta_weight("default")
+    outside0 = channel_mask(128, 0, "lesion")  # layer 0 channels outside the network
+    assert torch.all(d0[:, outside0] == 0)  # covered layer: constrained
+    d1 = ad.down_proj(1).get_delta_weight("default")
+    # layer 1 is not covered: its LoRA trains on every channel
+    assert (d1.abs().sum(0) > 0).all()

@@ -45,7 +45,11 @@ from nn_ica.templates import Templates
 def lora_channel_mask(peft_model: nn.Module, neurons: NeuronSet, mode: str) -> WeightMask:
     """A WeightMask over the down-projections' LoRA matrices that freezes (and zeroes)
     the slices of masked channels: ``A[:, j]`` for ``mlp_act`` channel j, ``B[c, :]``
-    for ``mlp_out`` channel c. Masked means "in S" for lesion, "not in S" for preserve."""
+    for ``mlp_out`` channel c. Masked means "in S" for lesion, "not in S" for preserve.
+
+    Only the layers ``neurons`` covers (:meth:`NeuronSet.covered_layers`: ``meta["layers"]``
+    when the templates were built on some layers, else all) are constrained; the LoRA
+    matrices of other layers are neither zeroed nor frozen."""
     from nn_core.model.adapters import get_adapter
     from nn_core.train import base_model
 
@@ -54,7 +58,9 @@ def lora_channel_mask(peft_model: nn.Module, neurons: NeuronSet, mode: str) -> W
     ad = get_adapter(base)
     names = {id(p): n for n, p in base.named_parameters()}
     trainable: dict[str, torch.Tensor] = {}
-    for layer in range(ad.num_layers):
+    # Only the layers the set is about (meta["layers"], else all): a layer the templates never
+    # analysed is not constrained, in lesion or preserve (as nn_core.intervene.masks does).
+    for layer in neurons.covered_layers(ad.num_layers):
         mod = ad.down_proj(layer)
         if not hasattr(mod, "lora_A") or not len(mod.lora_A):
             raise NNError(f"the down-projection of layer {layer} ({ad.down_proj_path(layer)}) has no LoRA "
