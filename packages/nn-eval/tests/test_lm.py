@@ -194,23 +194,6 @@ def test_bad_input_is_one_line_nnerror(tiny, data, kwargs, match):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("shape", [(45,), (3, 17)])
-def test_token_scores_match_cross_entropy_across_chunks(shape):
-    from nn_eval.lm import token_scores
-
-    vocab = 50_000  # large enough that the CPU chunk (2**20 // vocab = 20 rows) splits the rows
-    gen = torch.Generator().manual_seed(1)
-    logits = torch.randn(*shape, vocab, generator=gen) * 3
-    targets = torch.randint(0, vocab, shape, generator=gen)
-    targets.view(-1)[0] = logits.reshape(-1, vocab)[0].argmax()
-    nll, hit = token_scores(logits, targets)
-    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1), reduction="none")
-    assert nll.shape == hit.shape == targets.shape
-    assert torch.allclose(nll.reshape(-1), ref, atol=1e-5)
-    assert torch.equal(hit.reshape(-1), logits.reshape(-1, vocab).argmax(-1) == targets.reshape(-1))
-    assert bool(hit.view(-1)[0])
-
-
 LONG_TEXT = " ".join(f"word{i} and some filler text to make it long" for i in range(40))
 
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from nn_core.device import input_device
-
-IGNORE = -100
+from nn_core.data import IGNORE_INDEX as IGNORE
+from nn_core.numerics.loss import causal_labels
+from nn_core.numerics.loss import summed_nll as _core_summed_nll
 
 
 def prepare(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -24,25 +23,19 @@ def prepare(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str
     mask = batch.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask.to(device)
     labels = batch.get("labels")
-    labels = ids.clone() if labels is None else labels.to(device).clone()
-    labels[mask == 0] = IGNORE
+    labels = causal_labels(ids if labels is None else labels.to(device), mask)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def summed_nll(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of next-token negative log-likelihoods over the batch's loss tokens, and their count.
 
-    L_sum = sum over positions t with labels[t+1] != -100 of -log p(labels[t+1] | x_<=t).
+    L_sum = sum over positions t with labels[t+1] != -100 of -log p(labels[t+1] | x_<=t),
+    computed by :func:`nn_core.numerics.loss.summed_nll` (padding-aware, differentiable).
     Callers divide summed losses by the TOTAL token count of the calibration set, which
     weighs every token equally (a mean of batch means would overweight short batches).
     """
-    b = prepare(batch, input_device(model))
-    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-    targets = b["labels"][:, 1:].to(logits.device)
-    pred = logits[:, :-1].float()
-    loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
-    return loss, int((targets != IGNORE).sum())
+    return _core_summed_nll(model, batch)
 
 
 def count_loss_tokens(batch: Mapping[str, torch.Tensor]) -> int:
