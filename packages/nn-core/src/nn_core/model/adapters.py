@@ -24,6 +24,7 @@ class ArchSpec:
     layers: tuple[str, ...]  # candidate paths of the ModuleList of decoder blocks
     down_proj: str  # path of the down-projection inside one block
     conv1d: bool = False  # GPT-2 style Conv1D: weight stored as (in, out)
+    final_norm: str = "norm"  # the final norm, a sibling of the decoder-block list
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -40,9 +41,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma3": _LLAMA_LIKE,
     "gemma3_text": _LLAMA_LIKE,
     "phi3": _LLAMA_LIKE,
-    "gpt2": ArchSpec(layers=("transformer.h",), down_proj="mlp.c_proj", conv1d=True),
-    "gpt_neox": ArchSpec(layers=("gpt_neox.layers",), down_proj="mlp.dense_4h_to_h"),
-    "opt": ArchSpec(layers=("model.decoder.layers",), down_proj="fc2"),
+    "gpt2": ArchSpec(layers=("transformer.h",), down_proj="mlp.c_proj", conv1d=True,
+                     final_norm="ln_f"),
+    "gpt_neox": ArchSpec(layers=("gpt_neox.layers",), down_proj="mlp.dense_4h_to_h",
+                         final_norm="final_layer_norm"),
+    "opt": ArchSpec(layers=("model.decoder.layers",), down_proj="fc2",
+                    final_norm="final_layer_norm"),
 }
 
 
@@ -56,7 +60,12 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
 
 
 def is_conv1d(mod: nn.Module) -> bool:
-    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf")
+    """True for GPT-2's ``Conv1D`` (weight stored as (in, out)) and for modules that keep its
+    layout (a :class:`~nn_core.intervene.surgery.SplitLinear` made from one sets
+    ``conv1d_layout``)."""
+    if type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):
+        return True
+    return isinstance(mod, nn.Module) and getattr(mod, "conv1d_layout", False) is True
 
 
 def linear_in_out(mod: nn.Module) -> tuple[int, int] | None:
@@ -89,8 +98,9 @@ class ModelAdapter:
     """
 
     def __init__(self, model: nn.Module, layers_path: str, down_rel: str, conv1d: bool,
-                 source: str):
+                 source: str, final_norm_name: str | None = None):
         self.model = model
+        self.final_norm_name = final_norm_name  # registry hint; None: find it structurally
         self.model_type = getattr(model.config, "model_type", type(model).__name__)
         self.layers_path = layers_path
         self.down_rel = down_rel
@@ -143,6 +153,79 @@ class ModelAdapter:
 
     def down_weight(self, layer: int) -> torch.Tensor:
         return self.down_proj(layer).weight
+
+    # ------------------------------------------------------- embedding, norm, head
+    def _path_of(self, target: nn.Module, what: str) -> str:
+        for name, mod in self.model.named_modules():
+            if mod is target:
+                return name
+        raise NNError(f"the {what} is not a submodule of the model: unsupported model layout")
+
+    def embedding(self) -> nn.Module:
+        """The input token embedding (``model.get_input_embeddings()``): ids -> the vectors the
+        model adds position embeddings to (GPT-2, OPT) or scales (Gemma 2) before block 0.
+        Its output passed as ``inputs_embeds=`` gives the same logits as the ids."""
+        get = getattr(self.model, "get_input_embeddings", None)
+        emb = None
+        try:
+            emb = get() if get is not None else None
+        except (AttributeError, NotImplementedError):
+            emb = None
+        if emb is None:
+            vocab = getattr(self.model.config, "vocab_size", None)
+            found = [m for _, m in self.model.named_modules()
+                     if isinstance(m, nn.Embedding) and m.num_embeddings == vocab]
+            if len(found) != 1:
+                raise NNError("cannot find the input embedding: the model has no "
+                              "get_input_embeddings() and no single vocab-sized nn.Embedding")
+            emb = found[0]
+        return emb
+
+    def embedding_path(self) -> str:
+        return self._path_of(self.embedding(), "input embedding")
+
+    def final_norm_path(self) -> str:
+        """Dotted name of the norm applied to the last block's output before the LM head: a
+        sibling of the decoder-block list (``model.norm``, ``transformer.ln_f``,
+        ``gpt_neox.final_layer_norm``, ``model.decoder.final_layer_norm``)."""
+        parent_path = self.layers_path.rsplit(".", 1)[0] if "." in self.layers_path else ""
+        parent = _get(self.model, parent_path) if parent_path else self.model
+        prefix = f"{parent_path}." if parent_path else ""
+        if self.final_norm_name is not None and _get(parent, self.final_norm_name) is not None:
+            return prefix + self.final_norm_name
+        norms = [name for name, mod in parent.named_children()
+                 if "norm" in type(mod).__name__.lower() or name in ("ln_f", "norm")]
+        if len(norms) != 1:
+            raise NNError(f"cannot find the final norm next to {self.layers_path}: found "
+                          f"{norms or 'none'}; unsupported model layout")
+        return prefix + norms[0]
+
+    def final_norm(self) -> nn.Module:
+        """The final norm: ``lm_head(final_norm(h))`` are the logits for the last block's
+        output ``h`` (before Gemma 2's final logit soft-capping, where configured)."""
+        return _get(self.model, self.final_norm_path())
+
+    def lm_head(self) -> nn.Module:
+        """The output projection hidden -> vocabulary logits (``get_output_embeddings()``)."""
+        get = getattr(self.model, "get_output_embeddings", None)
+        head = None
+        try:
+            head = get() if get is not None else None
+        except (AttributeError, NotImplementedError):
+            head = None
+        if head is None:
+            vocab = getattr(self.model.config, "vocab_size", None)
+            found = [m for n, m in self.model.named_modules()
+                     if not n.startswith(self.layers_path + ".")
+                     and (io := linear_in_out(m)) is not None and io[1] == vocab]
+            if len(found) != 1:
+                raise NNError("cannot find the LM head: the model has no get_output_embeddings() "
+                              "and no single vocab-sized linear layer outside the blocks")
+            head = found[0]
+        return head
+
+    def lm_head_path(self) -> str:
+        return self._path_of(self.lm_head(), "LM head")
 
     def neuron_dim(self) -> int:
         """Dimension of the down-projection weight indexed by ``mlp_act`` channels.
@@ -238,12 +321,21 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         for path in spec.layers:
             blocks = _get(model, path)
             if isinstance(blocks, nn.ModuleList) and _get(blocks[0], spec.down_proj) is not None:
-                adapter = ModelAdapter(model, path, spec.down_proj, spec.conv1d, "registry")
+                adapter = ModelAdapter(model, path, spec.down_proj, spec.conv1d, "registry",
+                                       spec.final_norm)
                 break
     if adapter is None:
         adapter = _structural(model)
     object.__setattr__(model, "_nn_adapter", adapter)
     return adapter
+
+
+def invalidate_adapter(model: nn.Module) -> None:
+    """Drop the adapter cached on ``model``; the next :func:`get_adapter` resolves afresh.
+
+    Call after replacing modules (e.g. :mod:`nn_core.intervene.surgery` does)."""
+    if getattr(model, "_nn_adapter", None) is not None:
+        object.__setattr__(model, "_nn_adapter", None)
 
 
 def model_signature(model: nn.Module) -> dict:
