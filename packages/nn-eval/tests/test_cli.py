@@ -140,7 +140,7 @@ def test_required_data_can_come_from_config_or_environment(tmp_path, monkeypatch
     (tmp_path / "mc.yaml").write_text(f"data: {data}\nmax-length: 64\n")
     assert main(["mc", *TINY, "--config", str(tmp_path / "mc.yaml"), "--out", str(tmp_path / "mc")]) == 0
     assert read(tmp_path / "mc" / "mc.json")["n"] == 1
-    monkeypatch.setenv("NN_DATA", "task:add")
+    monkeypatch.setenv("NN_EVAL_DATA", "task:add")
     assert main(["gen", *TINY, "--limit", "2", "--max-new-tokens", "2", "--out", str(tmp_path / "gen")]) == 0
     assert read(tmp_path / "gen" / "gen.json")["data"] == "task:add"
 

@@ -107,3 +107,30 @@ def test_help_and_metrics(capsys):
     assert main(["metrics"]) == 0
     out = capsys.readouterr().out
     assert "hutchinson_diag" in out and "Rademacher" in out
+
+
+def test_run_never_deletes_a_users_file_at_out(tmp_path, capsys, monkeypatch):
+    import nn_sensitivity.runner as runner
+
+    called = []
+    monkeypatch.setattr(runner, "run_study", lambda cfg, **kw: called.append(cfg))
+    target = tmp_path / "results.txt"
+    target.write_text("my notes")
+    assert main(["run", *TINY, "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "existing file" in err and "--overwrite" in err
+    assert target.read_text() == "my notes" and not called  # refused before any work
+
+
+def test_nn_mode_of_another_tool_does_not_reach_nn_sensitivity(tmp_path, monkeypatch):
+    import nn_sensitivity.runner as runner
+
+    seen = []
+    monkeypatch.setattr(runner, "run_study", lambda cfg, **kw: seen.append(cfg))
+    monkeypatch.setenv("NN_MODE", "preserve")
+    monkeypatch.setenv("NN_ICA_MODE", "preserve")
+    assert main(["run", *TINY, "--out", str(tmp_path / "o")]) == 0
+    assert seen[-1].mode == "global"
+    monkeypatch.setenv("NN_SENSITIVITY_MODE", "per-layer")
+    assert main(["run", *TINY, "--out", str(tmp_path / "o")]) == 0
+    assert seen[-1].mode == "per-layer"

@@ -61,7 +61,7 @@ def _positive(name: str, value: int | None) -> None:
 def _need_data(args, what: str) -> None:
     # --data is checked here, not by argparse, so that --config or NN_DATA can supply it.
     if not args.data:
-        raise NNError(f"{args.command} needs --data {what} (or data: in --config, or NN_DATA)")
+        raise NNError(f"{args.command} needs --data {what} (or data: in --config, or NN_EVAL_DATA)")
 
 
 def _note_clamp(args, used: int) -> None:
@@ -71,16 +71,22 @@ def _note_clamp(args, used: int) -> None:
 
 
 def _finish(out: Path, name: str, result: dict, args, *, model=None, timer=None,
-            extra_outputs: list[str] | None = None) -> None:
-    from nn_core.io import atomic_write_json
+            extra_outputs: list[str] | None = None, write_extra=None) -> None:
+    """Write ``name`` (and ``write_extra(folder)``'s files) with the manifest as one
+    atomic folder: ``out`` appears complete, with its provenance, or not at all."""
+    from nn_core.io import atomic_dir, atomic_write_json
     from nn_core.run.cli import args_config
     from nn_core.run.manifest import write_manifest
 
-    atomic_write_json(out / name, result)
-    write_manifest(out, config=args_config(args), model=model,
-                   model_spec=getattr(args, "model", None) if model is not None else None,
-                   seeds=getattr(args, "seed", None), phases=timer,
-                   outputs=[name, *(extra_outputs or [])])
+    tool = getattr(args, "_tool", None) or f"{PROG} {args.command}"
+    with atomic_dir(out, tool=tool, overwrite=getattr(args, "overwrite", False)) as tmp:
+        atomic_write_json(tmp / name, result)
+        if write_extra is not None:
+            write_extra(tmp)
+        write_manifest(tmp, config=args_config(args), model=model,
+                       model_spec=getattr(args, "model", None) if model is not None else None,
+                       seeds=getattr(args, "seed", None), phases=timer,
+                       outputs=[name, *(extra_outputs or [])], tool=tool)
 
 
 # --------------------------------------------------------------------------- ppl
@@ -94,6 +100,11 @@ def cmd_ppl(args) -> int:
         raise NNError(f"--heldout must be between 0 and 1, got {args.heldout}")
     if args.mode and not args.neurons:
         raise NNError("--mode needs --neurons FILE (the selection to mask)")
+    ns = None
+    if args.neurons:  # checked before the model is loaded
+        from nn_core.select.neuronset import NeuronSet
+
+        ns = NeuronSet.load(args.neurons)
     timer = PhaseTimer()
     with timer("data"):
         texts = load_texts(args.data, text_field=args.text_field)
@@ -104,11 +115,9 @@ def cmd_ppl(args) -> int:
     with timer("load"):
         model, tok = _load(args)
     intervention = None
-    if args.neurons:
+    if ns is not None:
         from nn_core.intervene.masks import mask_neurons
-        from nn_core.select.neuronset import NeuronSet
 
-        ns = NeuronSet.load(args.neurons)
         intervention = mask_neurons(model, ns, args.mode or "lesion")
     with timer("evaluate"):
         res = evaluate_lm(model, tok, texts, max_length=args.max_length, stride=args.stride,
@@ -211,12 +220,15 @@ def cmd_tasks_export(args) -> int:
         raise NNError("--n-train must be 0 or more and --n-eval at least 1")
     names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TASKS)
     out = Path(args.out)
-    paths = export_tasks(out, names, n_train=args.n_train, n_eval=args.n_eval, seed=args.seed)
+    from nn_core.io import atomic_dir
     from nn_core.run.cli import args_config
     from nn_core.run.manifest import write_manifest
 
-    write_manifest(out, config=args_config(args), seeds=args.seed,
-                   outputs=[p.relative_to(out).as_posix() for p in paths])
+    tool = getattr(args, "_tool", None) or f"{PROG} tasks export"
+    with atomic_dir(out, tool=tool, overwrite=args.overwrite) as tmp:
+        paths = export_tasks(tmp, names, n_train=args.n_train, n_eval=args.n_eval, seed=args.seed)
+        write_manifest(tmp, config=args_config(args), seeds=args.seed, tool=tool,
+                       outputs=[p.relative_to(tmp).as_posix() for p in paths])
     print(f"wrote {len(paths)} files for {len(names)} tasks under {out}")
     return 0
 
@@ -239,11 +251,9 @@ def cmd_cl_metrics(args) -> int:
         baseline = load_baseline(args.baseline, tasks)
     res = cl_metrics(acc, loss, baseline=baseline, counts=counts, tasks=tasks)
     out = _out_dir(args)
-    extra = []
-    if args.plot:
-        plot_matrix(out / "accuracy.png", acc, tasks)
-        extra.append("accuracy.png")
-    _finish(out, "cl_metrics.json", {"matrix": str(args.matrix), **res}, args, extra_outputs=extra)
+    extra = ["accuracy.png"] if args.plot else []
+    _finish(out, "cl_metrics.json", {"matrix": str(args.matrix), **res}, args, extra_outputs=extra,
+            write_extra=(lambda tmp: plot_matrix(tmp / "accuracy.png", acc, tasks)) if args.plot else None)
 
     def fmt(v):
         return "n/a" if v is None else f"{v:.4f}"

@@ -128,6 +128,7 @@ def _run(args: argparse.Namespace) -> int:
         include_embeddings=args.include_embeddings, include_lm_head=args.include_lm_head,
         layers=args.layers, modules=args.modules, csv_rows=args.csv_rows,
         device=args.device, dtype=args.dtype, out=args.out or "runs/sensitivity",
+        overwrite=args.overwrite,
     )
     run_study(cfg)
     return 0
@@ -168,7 +169,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                       heldout_fraction=args.heldout_fraction, eval_tokens=args.eval_tokens,
                       eval_len=args.eval_len, batch_size=args.batch_size, calib_blocks=1,
                       block_len=16, device=args.device, dtype=args.dtype,
-                      out=args.out or "runs/sensitivity-eval")
+                      out=args.out or "runs/sensitivity-eval", overwrite=args.overwrite)
     evaluate_weightset(cfg, args.weights)
     return 0
 

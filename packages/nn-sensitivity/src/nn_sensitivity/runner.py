@@ -39,6 +39,11 @@ from nn_sensitivity.perturb import check_perturbation, perturbed
 from nn_sensitivity.rank import MODES, Ranking, check_controls, rank
 from nn_sensitivity.stability import jaccard_matrix, shared_fraction, summarise
 
+# The commands whose outputs these are (recorded in manifest.json; an existing `out` is
+# replaced only when it is a previous output of the same command, see nn_core.io).
+RUN_TOOL = "nn-sensitivity run"
+EVALUATE_TOOL = "nn-sensitivity evaluate"
+
 
 @dataclass
 class StudyConfig:
@@ -75,6 +80,7 @@ class StudyConfig:
     device: str = "auto"
     dtype: str = "auto"
     out: str = "runs/sensitivity"
+    overwrite: bool = False  # replace an `out` that is not a previous output of this command
 
     def check(self) -> StudyConfig:
         check_metric(self.metric)
@@ -296,7 +302,7 @@ def run_study(cfg: StudyConfig, *, model=None, tokenizer=None, progress: bool | 
 
     # Everything is built in a temporary sibling folder and swapped in whole at the end:
     # a failed run leaves the previous results untouched, a finished one never mixes with them.
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, tool=RUN_TOOL, overwrite=cfg.overwrite) as tmp:
         with timer("write_rankings"):
             rdir = tmp / "rankings"
             for kind, r in rankings.items():
@@ -375,7 +381,7 @@ def run_study(cfg: StudyConfig, *, model=None, tokenizer=None, progress: bool | 
                     title=f"top-K Jaccard across calibration seeds ({cfg.metric})")
         write_manifest(tmp, config=asdict(cfg), model=model, model_spec=cfg.model,
                        seeds={"seeds": cfg.seeds, "split_seed": cfg.split_seed}, phases=timer,
-                       extra={"world_size": dist.world_size()})
+                       extra={"world_size": dist.world_size()}, tool=RUN_TOOL)
     summary = {"results": results, "stability": stability, "phases": dict(timer.phases),
                "out": str(out)}
     say(format_summary(summary))
@@ -413,10 +419,11 @@ def evaluate_weightset(cfg: StudyConfig, weights: str | Path, *, model=None, tok
         "baseline": baseline, "perturbed": res,
         "delta": _delta(res, baseline),
     }
-    with atomic_dir(cfg.out) as tmp:
+    with atomic_dir(cfg.out, tool=EVALUATE_TOOL, overwrite=cfg.overwrite) as tmp:
         atomic_write_json(tmp / "evaluation.json", out)
         write_manifest(tmp, config={**asdict(cfg), "weights": str(weights)}, model=model,
-                       model_spec=cfg.model, seeds={"seeds": cfg.seeds}, phases=timer)
+                       model_spec=cfg.model, seeds={"seeds": cfg.seeds}, phases=timer,
+                       tool=EVALUATE_TOOL)
     if echo is not None:
         d = out["delta"]
         change = ("non-finite logits (ppl inf)" if res["non_finite"] else

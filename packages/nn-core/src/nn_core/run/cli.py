@@ -2,15 +2,28 @@
 
 * :func:`make_parser` and :func:`add_common_args` give every tool the same look and the
   same common flags: ``--model``, ``--device``, ``--dtype``, ``--seed``, ``--out``,
-  ``--config FILE.yaml``.
+  ``--overwrite``, ``--config FILE.yaml``.
 * :func:`parse_args` parses and then resolves each option by precedence
-  **flags > config file > environment > defaults**. The environment variable of an
-  option is ``NN_`` + its name in upper case (``NN_MODEL``, ``NN_SEED``, ``NN_OUT``, ...);
-  ``NN_CONFIG`` names a config file. Config keys are option names in kebab or snake
-  case; an unknown key is an error that lists the valid ones.
-* :func:`run_cli` runs a command function and turns an :class:`NNError` (or a missing
-  file, or Ctrl-C) into one line ``<prog>: error: ...`` on stderr and an exit code,
-  never a traceback. :func:`cli_main` does all of it for a parser with subcommands.
+  **flags > config file > environment > defaults**. Environment variables are scoped per
+  tool: the variable of an option is the tool's prefix + its name in upper case, the
+  prefix being ``NN_`` + the program name without ``nn-`` (``NN_ICA_TEMPLATES``,
+  ``NN_EVAL_DATA``, ``NN_SENSITIVITY_MODE``, ``NN_CORE_MODEL``; see
+  :func:`env_prefix_for`); ``<prefix>CONFIG`` names a config file. So ``NN_MODE`` or
+  ``NN_ICA_MODE`` never reach ``nn-sensitivity``. Config keys are option names in kebab
+  or snake case; an unknown key is an error that lists the valid ones.
+* Required options (``add_argument(..., required=True)``) are checked only after that
+  merge, so a config file or the environment can give them; a value still missing is
+  one line and exit 2.
+* :func:`run_cli` runs a command function and turns an :class:`NNError` (or an
+  ``OSError`` such as a missing file or an unwritable output, or Ctrl-C) into one line
+  ``<prog>: error: ...`` on stderr and an exit code, never a traceback. :func:`cli_main`
+  does all of it for a parser with subcommands, and checks ``--out`` with
+  :func:`nn_core.io.check_output_dir` before the command runs (so before any model is
+  loaded).
+
+Parsers must come from :func:`make_parser` (subparsers inherit its class): it records
+its actions through the public ``add_argument`` API, so nothing here reads or patches
+argparse's private state.
 
 A command module then reads::
 
@@ -54,17 +67,77 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
-def make_parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
-    """An ArgumentParser that keeps the description's and epilog's line breaks."""
-    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+class NNArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser that records its own options through the public API.
+
+    ``nn_actions`` lists every action added (also through argument groups),
+    ``nn_required`` the optional flags declared ``required=True`` (argparse is told they
+    are optional, so that a config file or the environment may supply them; the check
+    happens in :func:`resolve_args`), ``nn_subparsers`` the subcommand action, if any.
+    Abbreviated long options are off: a flag counts as given only when spelled out.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.nn_actions: list[argparse.Action] = []
+        self.nn_required: list[argparse.Action] = []
+        self.nn_subparsers: argparse.Action | None = None
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def _record(self, add: Callable, args, kwargs) -> argparse.Action:
+        required = bool(kwargs.get("required")) and bool(args) and str(args[0]).startswith("-")
+        if required:
+            kwargs = {**kwargs, "required": False}
+            if isinstance(kwargs.get("help"), str):
+                kwargs["help"] = kwargs["help"] + " (required)"
+            elif kwargs.get("help") is None:
+                kwargs["help"] = "(required)"
+        action = add(*args, **kwargs)
+        self.nn_actions.append(action)
+        if required:
+            self.nn_required.append(action)
+        return action
+
+    def add_argument(self, *args, **kwargs):
+        return self._record(super().add_argument, args, kwargs)
+
+    def _wrap_group(self, group):
+        add = group.add_argument
+        group.add_argument = lambda *a, **k: self._record(add, a, k)
+        return group
+
+    def add_argument_group(self, *args, **kwargs):
+        return self._wrap_group(super().add_argument_group(*args, **kwargs))
+
+    def add_mutually_exclusive_group(self, *args, **kwargs):
+        return self._wrap_group(super().add_mutually_exclusive_group(*args, **kwargs))
+
+    def add_subparsers(self, **kwargs):
+        self.nn_subparsers = super().add_subparsers(**kwargs)
+        return self.nn_subparsers
+
+
+def make_parser(prog: str, description: str, epilog: str | None = None) -> NNArgumentParser:
+    """An :class:`NNArgumentParser` that keeps the description's and epilog's line breaks."""
+    return NNArgumentParser(prog=prog, description=description, epilog=epilog,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def env_prefix_for(prog: str) -> str:
+    """The environment prefix of a tool: ``nn-ica`` -> ``NN_ICA_``, ``nn-eval`` ->
+    ``NN_EVAL_``, ``nn-sensitivity`` -> ``NN_SENSITIVITY_``, ``nn-core`` -> ``NN_CORE_``
+    (the first word of ``prog``, without ``nn-``, upper case, ``-`` -> ``_``)."""
+    name = (prog.split() or ["nn"])[0]
+    name = name[3:] if name.lower().startswith("nn-") else name
+    return ENV_PREFIX + "".join(c if c.isalnum() else "_" for c in name).upper() + "_"
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, model: bool = True, device: bool = True,
                     dtype: bool = True, seed: bool = True, out: bool = True, config: bool = True,
                     defaults: dict | None = None) -> argparse.ArgumentParser:
     """Add the common flags (each can be switched off); ``defaults`` overrides built-in
-    defaults, e.g. ``defaults={"out": "runs/demo"}``."""
+    defaults, e.g. ``defaults={"out": "runs/demo"}``. With ``out`` comes ``--overwrite``
+    (replace an ``--out`` that is not a previous output of this command)."""
     wanted = {"model": model, "device": device, "dtype": dtype, "seed": seed, "out": out}
     defaults = dict(defaults or {})
     unknown = set(defaults) - set(COMMON_ARGS)
@@ -75,71 +148,84 @@ def add_common_args(parser: argparse.ArgumentParser, *, model: bool = True, devi
         if wanted[dest]:
             group.add_argument(flag, dest=dest, default=defaults.get(dest, default), type=typ,
                                metavar=metavar, help=help_)
+    if out:
+        group.add_argument("--overwrite", action="store_true",
+                           help="replace --out even if it is not a previous output of this "
+                                "command (a file, a folder of yours, another tool's output)")
     if config:
         group.add_argument("--config", metavar="FILE.yaml", default=None,
                            help="YAML file of option values (keys like the flags: model, "
                                 "max-tokens or max_tokens); flags given here win over it, it "
-                                f"wins over {ENV_PREFIX}* environment variables")
+                                f"wins over {env_prefix_for(parser.prog)}* environment variables")
     return parser
 
 
 # ------------------------------------------------------------------ resolution
-def _actions(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[argparse.Action]:
-    """The actions of ``parser`` and of the subcommand chain ``args`` selected."""
-    out: list[argparse.Action] = []
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            chosen = getattr(args, action.dest, None) if action.dest != argparse.SUPPRESS else None
-            if chosen in action.choices:
-                out.extend(_actions(action.choices[chosen], args))
-            elif action.dest == argparse.SUPPRESS:
-                # the subcommand is not recorded: every subparser's options are candidates
-                for sub in action.choices.values():
-                    out.extend(_actions(sub, args))
-        else:
-            out.append(action)
-    return out
+def _parser_actions(parser) -> list[argparse.Action]:
+    actions = getattr(parser, "nn_actions", None)
+    if actions is None:
+        raise TypeError(f"parser {parser.prog!r} was not made by nn_core.run.cli.make_parser")
+    return actions
 
 
-def _options(parser, args) -> dict[str, argparse.Action]:
-    opts = {}
-    for action in _actions(parser, args):
-        if action.dest in _INTERNAL or action.dest == argparse.SUPPRESS:
-            continue
-        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
-            continue
-        opts.setdefault(action.dest, action)
+def _chain(parser, args: argparse.Namespace, argv: Sequence[str] = ()) -> list:
+    """The parser and the subcommand parsers the command line selected, outermost first."""
+    chain = [parser]
+    while True:
+        sub = getattr(chain[-1], "nn_subparsers", None)
+        if sub is None:
+            return chain
+        chosen = getattr(args, sub.dest, None) if sub.dest != argparse.SUPPRESS else None
+        if chosen is None:  # subcommand not recorded: the first token that names one
+            chosen = next((t for t in argv if t in sub.choices), None)
+        if chosen not in sub.choices:
+            return chain
+        chain.append(sub.choices[chosen])
+
+
+def _options(chain) -> dict[str, argparse.Action]:
+    opts: dict[str, argparse.Action] = {}
+    for p in chain:
+        for action in _parser_actions(p):
+            if action.dest in _INTERNAL or action.dest in (argparse.SUPPRESS, "version"):
+                continue
+            opts.setdefault(action.dest, action)
     return opts
 
 
-def _explicit(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
-    """Dests the user actually gave on the command line: parse again with every default
-    suppressed, so only given options appear in the namespace."""
-    saved: list[tuple[object, str, object]] = []
+def _given(action: argparse.Action, tokens: Sequence[str]) -> bool:
+    """Whether ``tokens`` spell out the optional ``action`` (``--x``, ``--x=v``, ``-xV``)."""
+    for opt in action.option_strings:
+        for tok in tokens:
+            if tok == opt or (opt.startswith("--") and tok.startswith(opt + "=")):
+                return True
+            if len(opt) == 2 and not opt.startswith("--") and tok.startswith(opt) \
+                    and not tok.startswith("--"):
+                return True
+    return False
 
-    def suppress(p: argparse.ArgumentParser) -> None:
-        saved.append((p, "_defaults", p._defaults))
-        p._defaults = {}
-        for action in p._actions:
-            saved.append((action, "default", action.default))
-            action.default = argparse.SUPPRESS
-            if isinstance(action, argparse._SubParsersAction):
-                for sub in action.choices.values():
-                    suppress(sub)
 
-    try:
-        suppress(parser)
-        given = vars(parser.parse_args(list(argv)))
-    finally:
-        for obj, attr, value in reversed(saved):
-            setattr(obj, attr, value)
-    return set(given)
+def _explicit(options: dict[str, argparse.Action], args: argparse.Namespace,
+              argv: Sequence[str]) -> set[str]:
+    """Dests the user gave on the command line (abbreviations are off, so a given option
+    is spelled out in ``argv``; ``--`` ends the options). A positional counts as given
+    when it is required or its value differs from its default."""
+    argv = list(argv)
+    tokens = argv[: argv.index("--")] if "--" in argv else argv
+    given = set()
+    for dest, action in options.items():
+        if action.option_strings:
+            if _given(action, tokens):
+                given.add(dest)
+        elif action.nargs not in ("?", "*") or getattr(args, dest, None) != action.default:
+            given.add(dest)
+    return given
 
 
 def _convert(action: argparse.Action, value, source: str):
     """A config or environment value, converted and checked like the flag would be."""
     name = action.option_strings[-1] if action.option_strings else action.dest
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if action.nargs == 0:  # a switch: store_true / store_false / BooleanOptionalAction
         if isinstance(value, str):
             low = value.strip().lower()
             if low not in _TRUE | _FALSE:
@@ -196,19 +282,27 @@ def load_config(path: str | os.PathLike) -> dict:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def _flag(action: argparse.Action) -> str:
+    return action.option_strings[-1] if action.option_strings else action.dest
+
+
 def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
                  argv: Sequence[str] | None = None, *,
-                 env_prefix: str = ENV_PREFIX) -> argparse.Namespace:
+                 env_prefix: str | None = None) -> argparse.Namespace:
     """Fill every option the user did not pass on the command line from the config
-    file, then the environment, else keep its default. Records where each value came
-    from in ``args._sources`` (``{dest: "flag"|"config"|"env"|"default"}``)."""
+    file, then the environment (``env_prefix``, default :func:`env_prefix_for` of the
+    parser's prog), else keep its default; then check that every required option has a
+    value. Records where each value came from in ``args._sources``
+    (``{dest: "flag"|"config"|"env"|"default"}``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    explicit = _explicit(parser, argv)
-    options = _options(parser, args)
+    env_prefix = env_prefix_for(parser.prog) if env_prefix is None else env_prefix
+    chain = _chain(parser, args, argv)
+    options = _options(chain)
+    explicit = _explicit(options, args, argv)
     sources = {dest: ("flag" if dest in explicit else "default") for dest in options}
 
     config_path = getattr(args, "config", None)
-    if config_path is None and "config" not in explicit and os.environ.get(f"{env_prefix}CONFIG"):
+    if config_path is None and os.environ.get(f"{env_prefix}CONFIG"):
         config_path = os.environ[f"{env_prefix}CONFIG"]
         args.config = config_path
     config = load_config(config_path) if config_path else {}
@@ -230,14 +324,29 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
             setattr(args, dest, _convert(action, os.environ[env_name], f"environment variable {env_name}"))
             sources[dest] = "env"
     args._sources = sources
+    for p in chain:
+        for action in p.nn_required:
+            if getattr(args, action.dest, None) is None:
+                flag = _flag(action)
+                metavar = action.metavar or action.dest.upper()
+                raise NNError(f"{chain[-1].prog} needs {flag} {metavar}: give it on the command "
+                              f"line, as '{flag.lstrip('-')}:' in --config, or in "
+                              f"{env_prefix}{action.dest.upper()}")
     return args
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, *,
-               env_prefix: str = ENV_PREFIX) -> argparse.Namespace:
+               env_prefix: str | None = None) -> argparse.Namespace:
     """``parser.parse_args(argv)`` followed by :func:`resolve_args`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     return resolve_args(parser.parse_args(argv), parser, argv, env_prefix=env_prefix)
+
+
+def command_name(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 argv: Sequence[str] = ()) -> str:
+    """The full command the arguments select, e.g. ``"nn-eval ppl"``: the ``tool`` that
+    manifests record and :func:`nn_core.io.check_output_dir` compares."""
+    return _chain(parser, args, argv)[-1].prog
 
 
 def args_config(args: argparse.Namespace) -> dict:
@@ -255,7 +364,8 @@ def error_line(prog: str, message: str) -> str:
 def run_cli(fn: Callable[[argparse.Namespace], int | None], args: argparse.Namespace, *,
             prog: str | None = None) -> int:
     """Run ``fn(args)``; return its exit code (None -> 0). An :class:`NNError` or a
-    missing file prints one line on stderr and returns 2; Ctrl-C returns 130."""
+    missing file, an unwritable output or another ``OSError`` prints one line on stderr
+    and returns 2; Ctrl-C returns 130."""
     prog = prog or Path(sys.argv[0]).name or "nn"
     try:
         code = fn(args)
@@ -273,9 +383,22 @@ def run_cli(fn: Callable[[argparse.Namespace], int | None], args: argparse.Names
         print(error_line(prog, f"permission denied: {exc.filename or exc}: check the path's permissions"),
               file=sys.stderr)
         return EXIT_USAGE
+    except NotADirectoryError as exc:
+        print(error_line(prog, f"{exc.filename or exc}: a part of this path is a file, not a folder: "
+                               "check the path"), file=sys.stderr)
+        return EXIT_USAGE
+    except FileExistsError as exc:
+        print(error_line(prog, f"{exc.filename or exc} already exists: choose another path"),
+              file=sys.stderr)
+        return EXIT_USAGE
     except UnicodeDecodeError as exc:
         print(error_line(prog, f"an input file is not UTF-8 text ({exc.reason} at byte {exc.start}): "
                                "convert it to UTF-8"), file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # e.g. a full disk or a read-only file system while writing output
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(error_line(prog, f"{where}{exc.strerror or exc}: check the path, its permissions and "
+                               "free space"), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(error_line(prog, "interrupted by the user"), file=sys.stderr)
@@ -283,37 +406,38 @@ def run_cli(fn: Callable[[argparse.Namespace], int | None], args: argparse.Names
     return 0 if code is None else int(code)
 
 
-def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    """The innermost (sub)parser the command line selected."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            chosen = getattr(args, action.dest, None)
-            if chosen in action.choices:
-                return _chosen_parser(action.choices[chosen], args)
-    return parser
-
-
 def cli_main(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, *,
-             env_prefix: str = ENV_PREFIX) -> int:
+             env_prefix: str | None = None) -> int:
     """Parse, resolve and dispatch to ``args.func``; every failure becomes an exit code.
 
     ``--help`` returns 0; argparse usage errors return 2 (argparse prints them); a
-    missing subcommand prints the usage and returns 2."""
+    missing subcommand prints the usage and returns 2. Before the command runs, an
+    ``--out`` (of :func:`add_common_args`) is checked by
+    :func:`nn_core.io.check_output_dir` for the command :func:`command_name` names (it
+    is also left in ``args._tool``), so a bad output location fails before any model
+    is loaded."""
     prog = parser.prog
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     func = getattr(args, "func", None)
     if func is None:
-        deepest = _chosen_parser(parser, args)
+        deepest = _chain(parser, args, argv)[-1]
         deepest.print_usage(sys.stderr)
         print(error_line(prog, "no command given: pick one of the commands above "
                                f"(see {deepest.prog} --help)"), file=sys.stderr)
         return EXIT_USAGE
 
     def resolved(ns):
-        resolve_args(ns, parser, list(sys.argv[1:] if argv is None else argv), env_prefix=env_prefix)
+        from nn_core.io import check_output_dir
+
+        resolve_args(ns, parser, argv, env_prefix=env_prefix)
+        ns._tool = command_name(parser, ns, argv)
+        if getattr(ns, "out", None) and hasattr(ns, "overwrite"):
+            check_output_dir(ns.out, tool=ns._tool, overwrite=ns.overwrite,
+                             markers=getattr(ns, "_out_markers", ()))
         return func(ns)
 
     return run_cli(resolved, args, prog=prog)

@@ -21,10 +21,9 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from nn_core.io import atomic_write_json
+from nn_core.io import MANIFEST_NAME, atomic_write_json
 
 FORMAT = "nn.manifest/1"
-MANIFEST_NAME = "manifest.json"
 REDACTED = "<redacted>"
 
 # Third-party distributions whose versions every manifest records (missing ones skipped).
@@ -354,10 +353,13 @@ def write_manifest(
     phases: Mapping[str, float] | PhaseTimer | None = None,
     outputs: Sequence[str | Path] | None = None,
     extra: Mapping | None = None,
+    tool: str | None = None,
 ) -> Path:
     """Write ``out_dir/manifest.json`` atomically and return its path.
 
-    Fields: ``format``, ``created_at`` (UTC ISO 8601), ``command`` (``sys.argv``),
+    Fields: ``format``, ``tool`` (the command that wrote the folder, e.g. ``"nn-eval ppl"``:
+    how :func:`nn_core.io.check_output_dir` recognises a previous output it may replace),
+    ``created_at`` (UTC ISO 8601), ``command`` (``sys.argv``),
     ``cwd``, ``config``, ``seeds``, ``git`` (sha, dirty, root, or null), ``python`` /
     platform, ``versions``, ``env`` (selected variables), ``model`` (id, model_type,
     revision, weights hash, device, dtype, parameters), ``phases`` (seconds per phase and
@@ -372,6 +374,7 @@ def write_manifest(
     secrets = _secret_values()
     manifest = {
         "format": FORMAT,
+        "tool": tool,
         "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": scrub_argv(sys.argv, secrets),
         "cwd": str(Path.cwd()),
