@@ -22,7 +22,9 @@ _EXPORTS = {
     "model.adapters": ["ModelAdapter", "get_adapter", "model_id", "model_signature"],
     "model.loading": ["load_model"],
     "model.sites": ["SITES", "SiteRef"],
+    "numerics.integrated_gradients": ["integrated_gradients", "target_positions"],
     "numerics.loss": ["causal_labels", "per_row_nll", "summed_nll", "token_scores"],
+    "numerics.sparse_logits": ["SparseLogits", "sparse_kl", "top_k"],
     "run.manifest": ["PhaseTimer", "run_dir", "write_manifest"],
     "select.formats": ["neuronset_from_fnsft", "neuronset_from_loki", "neuronset_to_fnsft", "neuronset_to_loki", "neuronsets_from_fnsft"],
     "select.neuronset": ["NeuronSet"],
@@ -67,7 +69,9 @@ if TYPE_CHECKING:  # static analysers see the real names
     from nn_core.model.adapters import ModelAdapter, get_adapter, model_id, model_signature  # noqa: F401
     from nn_core.model.loading import load_model  # noqa: F401
     from nn_core.model.sites import SITES, SiteRef  # noqa: F401
+    from nn_core.numerics.integrated_gradients import integrated_gradients, target_positions  # noqa: F401
     from nn_core.numerics.loss import causal_labels, per_row_nll, summed_nll, token_scores  # noqa: F401
+    from nn_core.numerics.sparse_logits import SparseLogits, sparse_kl, top_k  # noqa: F401
     from nn_core.run.manifest import PhaseTimer, run_dir, write_manifest  # noqa: F401
     from nn_core.select.formats import (  # noqa: F401
         neuronset_from_fnsft,

@@ -1,0 +1,381 @@
+"""Integrated gradients with respect to a site's activation at one token position.
+
+For row ``b`` of a batch, a target position ``t_b`` (default: the row's last real token),
+a scalar target ``F`` of the model output at ``t_b`` and a site at layer ``l`` (``mlp_out``,
+``mlp_act`` or ``resid``), let ``a = a_l[b, t_b]`` (a vector of the site's width) be the
+clean activation there. ``F(x)`` is the target computed with the site's activation at
+``(b, t_b)`` *only* replaced by ``x``; every other position and every other layer is computed
+naturally from the real input (positions after ``t_b`` cannot influence it: the model is
+causal). With a zero baseline,
+
+    IG_l[b] = (a - 0) ⊙ Σ_k w_k · ∂F/∂x |_{x = α_k a}
+
+where the quadrature points ``α_k`` and weights ``w_k`` are arguments. They approximate
+``a ⊙ ∫_0^1 ∂F(αa)/∂x dα``, so with enough steps the attributions are *complete*:
+``Σ_j IG_l[b, j] ≈ F(a) − F(0)``. Captum's ``approximation_parameters(method)`` gives
+``(step_sizes, alphas)`` for ``riemann_*`` and ``gausslegendre``: pass
+``alphas=alphas(n)``, ``weights=step_sizes(n)`` (nn-core does not depend on captum).
+
+Implementation: for one layer, the ``K`` interpolation steps of all rows are one batch of
+``(row, step)`` pairs, run ``max_batch`` sequences per forward. A forward hook at the site
+writes ``α_k · a`` into the target position of each pair's sequence, as a leaf tensor that
+``torch.autograd.grad`` differentiates ``F`` with respect to; model parameters are frozen for
+the duration, so no graph is built below layer ``l``. Sequences are cut after the last
+target position of the chunk, and only the logits at the target positions are computed
+where the model accepts ``logits_to_keep``.
+
+``engine="kv_cache"`` computes the same quantity by running each row's prefix (the tokens
+before ``t_b``) once with ``use_cache=True`` and then one batched forward of only the target
+token per ``(row, step)`` pair, with the prefix cache selected/expanded to that batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from nn_core.device import input_device
+from nn_core.errors import NNError
+from nn_core.intervene.hooks import hooked
+from nn_core.model.adapters import get_adapter
+from nn_core.model.sites import SiteRef, check_site
+
+TargetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ENGINES = ("full", "kv_cache")
+
+__all__ = ["ENGINES", "integrated_gradients", "target_positions"]
+
+
+def target_positions(attention_mask: torch.Tensor, positions=None) -> torch.Tensor:
+    """Per-row target positions (int64, shape ``[batch]``).
+
+    ``positions=None``: each row's last real token (the last index where the mask is 1), so
+    left and right padding both work. Given positions (an int for every row, or one per
+    row) must lie in ``[0, seq_len)`` and point at a real token.
+    """
+    if attention_mask.dim() != 2:
+        raise NNError(f"attention_mask must be [batch, seq], got shape {tuple(attention_mask.shape)}")
+    mask = attention_mask.bool()
+    batch, seq = mask.shape
+    if not bool(mask.any(-1).all()):
+        raise NNError("a row of the batch is all padding: drop empty sequences before attribution")
+    if positions is None:
+        last = seq - 1 - mask.flip(-1).long().argmax(-1)
+        return last.to(torch.long)
+    pos = torch.as_tensor(positions, dtype=torch.long, device=mask.device)
+    if pos.dim() == 0:
+        pos = pos.expand(batch)
+    if pos.shape != (batch,):
+        raise NNError(f"positions must be one int or one per row ({batch}), got shape {tuple(pos.shape)}")
+    if bool(((pos < 0) | (pos >= seq)).any()):
+        raise NNError(f"a target position is out of range: positions must lie in 0..{seq - 1}")
+    if not bool(mask[torch.arange(batch, device=mask.device), pos].all()):
+        raise NNError("a target position points at padding: pick a real token (attention_mask == 1)")
+    return pos.clone()
+
+
+def _quadrature(alphas, weights) -> tuple[torch.Tensor, torch.Tensor]:
+    a = torch.as_tensor(alphas, dtype=torch.float64).reshape(-1)
+    w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+    if a.numel() == 0 or a.shape != w.shape:
+        raise NNError(f"alphas and weights must be non-empty and of equal length, got "
+                      f"{a.numel()} and {w.numel()}: pass captum's alphas(n) and step_sizes(n)")
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(w).all())):
+        raise NNError("alphas and weights must be finite numbers")
+    return a, w
+
+
+def _takes(model: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token (as in an unpadded run)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _default_target(target_ids: torch.Tensor) -> TargetFn:
+    def prob(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float(), dim=-1).gather(-1, target_ids[rows, None])[:, 0]
+    return prob
+
+
+class _Runner:
+    """Forward passes of selected rows with logits only at the target positions."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor):
+        self.model = model
+        self.ids, self.mask, self.pos = ids, mask, pos
+        self.takes_pos = _takes(model, "position_ids")
+        self.takes_keep = _takes(model, "logits_to_keep")
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """Logits ``[n, vocab]`` at the target positions of ``rows`` (sequences cut after
+        the chunk's last target)."""
+        pos = self.pos[rows]
+        end = int(pos.max()) + 1
+        ids, mask = self.ids[rows, :end], self.mask[rows, :end]
+        kw = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+        if self.takes_pos:
+            kw["position_ids"] = _position_ids(mask)
+        if self.takes_keep:
+            keep = torch.unique(pos)
+            kw["logits_to_keep"] = keep
+            logits = self.model(**kw).logits
+            col = torch.searchsorted(keep, pos)
+        else:
+            logits = self.model(**kw).logits
+            col = pos
+        return logits[torch.arange(len(rows), device=logits.device), col]
+
+
+def _freeze(model: nn.Module) -> list[nn.Parameter]:
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
+
+
+def _setter(pos_in_chunk: torch.Tensor, value: torch.Tensor):
+    """Site fn writing ``value[i]`` into row i at position ``pos_in_chunk[i]``."""
+    n = pos_in_chunk.numel()
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        # some architectures (OPT) flatten [batch, seq] inside the MLP: view it back
+        view = out.view(n, -1, x.shape[-1])
+        view[torch.arange(n, device=x.device), pos_in_chunk.to(x.device)] = value.to(x.dtype)
+        return out
+    return fn
+
+
+def _reader(pos_in_chunk: torch.Tensor, store: dict, key):
+    n = pos_in_chunk.numel()
+
+    def fn(x: torch.Tensor) -> None:
+        view = x.reshape(n, -1, x.shape[-1])
+        store[key] = view[torch.arange(n, device=x.device), pos_in_chunk.to(x.device)].detach()
+        return None
+    return fn
+
+
+def integrated_gradients(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    alphas: Sequence[float] | torch.Tensor,
+    weights: Sequence[float] | torch.Tensor,
+    layers: Sequence[int] | None = None,
+    site: str = "mlp_out",
+    target_ids: Sequence[int] | torch.Tensor | None = None,
+    target_fn: TargetFn | None = None,
+    positions: int | Sequence[int] | torch.Tensor | None = None,
+    max_batch: int = 64,
+    engine: str = "full",
+) -> torch.Tensor:
+    """Integrated gradients of a target w.r.t. ``site`` activations at one position per row.
+
+    Returns ``[batch, len(layers), width]`` float32 on the CPU: ``IG_l[b] = a ⊙ Σ_k w_k
+    ∂F/∂x(α_k a)`` with ``a`` the clean activation at ``(b, positions[b])`` (module
+    docstring). ``layers`` defaults to all layers, in the order given. ``site`` is one of
+    ``mlp_out`` (default), ``mlp_act``, ``resid``.
+
+    Target: by default ``F = softmax(logits[b, t_b])[target_ids[b]]`` (``target_ids``: one
+    token id per row). Or ``target_fn(logits, rows) -> [n]``, called with the logits at the
+    target positions (``[n, vocab]``) and the batch row index of each (``[n]``, int64),
+    returning one scalar per row; it must be row-wise (row ``i`` of the result depends only
+    on row ``i`` of ``logits``).
+
+    ``positions``: default each row's last real token; otherwise an int or one per row,
+    each a real token. ``max_batch`` caps the sequences per forward (the ``K`` steps of all
+    rows are batched together). ``engine``: ``"full"`` (full-sequence forwards) or
+    ``"kv_cache"`` (prefix once with a KV cache, then only the target token per step; same
+    result to float precision).
+    """
+    check_site(site)
+    if engine not in ENGINES:
+        raise NNError(f"unknown engine '{engine}': use one of {', '.join(ENGINES)}")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise NNError(f"max_batch must be a positive int, got {max_batch!r}")
+    alpha, weight = _quadrature(alphas, weights)
+    adapter = get_adapter(model)
+    if layers is None:
+        layers = list(range(adapter.num_layers))
+    layers = [adapter.check_layer(int(la)) for la in layers]
+    if not layers:
+        raise NNError("layers is empty: pass at least one layer index")
+    if input_ids.dim() != 2:
+        raise NNError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    device = input_device(model)
+    ids = input_ids.to(device)
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)
+    if mask.shape != ids.shape:
+        raise NNError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
+    pos = target_positions(mask, positions)
+    batch = ids.shape[0]
+    if target_fn is None:
+        if target_ids is None:
+            raise NNError("pass target_ids (one token id per row) or a target_fn(logits, rows)")
+        tid = torch.as_tensor(target_ids, dtype=torch.long, device=device).reshape(-1)
+        if tid.numel() == 1:
+            tid = tid.expand(batch)
+        if tid.shape != (batch,):
+            raise NNError(f"target_ids must be one id per row ({batch}), got {tid.numel()}")
+        vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+        if bool((tid < 0).any()) or (vocab is not None and bool((tid >= vocab).any())):
+            raise NNError(f"a target id is out of range: token ids must lie in 0..{vocab - 1 if vocab else '?'}")
+        target_fn = _default_target(tid)
+
+    was_training = model.training
+    model.eval()
+    frozen = _freeze(model)
+    try:
+        if engine == "full":
+            return _ig_full(model, ids, mask, pos, layers, site, alpha, weight, target_fn, max_batch)
+        return _ig_kv(model, ids, mask, pos, layers, site, alpha, weight, target_fn, max_batch)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(was_training)
+
+
+def _clean(runner: _Runner, layers, site: str, max_batch: int) -> torch.Tensor:
+    """Clean activations at the target positions: ``[batch, n_layers, width]`` (model dtype)."""
+    batch = runner.ids.shape[0]
+    parts = []
+    with torch.no_grad():
+        for start in range(0, batch, max_batch):
+            rows = torch.arange(start, min(start + max_batch, batch), device=runner.ids.device)
+            store: dict = {}
+            fns = {SiteRef(la, site): _reader(runner.pos[rows], store, i) for i, la in enumerate(layers)}
+            with hooked(runner.model, fns):
+                runner.logits(rows)
+            parts.append(torch.stack([store[i] for i in range(len(layers))], dim=1))
+    return torch.cat(parts)
+
+
+def _pairs(batch: int, steps: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = torch.arange(batch * steps, device=device)
+    return flat // steps, flat % steps
+
+
+def _accumulate(clean_l: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """``a ⊙ Σ_k w_k ∂F/∂x`` in float64, returned as float32."""
+    return (clean_l.to(torch.float64) * grads).to(torch.float32)
+
+
+def _ig_full(model, ids, mask, pos, layers, site, alpha, weight, target_fn, max_batch):
+    runner = _Runner(model, ids, mask, pos)
+    clean = _clean(runner, layers, site, max_batch)
+    batch, device = ids.shape[0], ids.device
+    rows_all, steps_all = _pairs(batch, alpha.numel(), device)
+    alpha_d, weight_d = alpha.to(device), weight.to(device)
+    out = torch.empty(batch, len(layers), clean.shape[-1], dtype=torch.float32)
+    for li, layer in enumerate(layers):
+        gsum = torch.zeros(batch, clean.shape[-1], dtype=torch.float64, device=device)
+        for start in range(0, rows_all.numel(), max_batch):
+            rows = rows_all[start:start + max_batch]
+            steps = steps_all[start:start + max_batch]
+            z = (alpha_d[steps, None] * clean[rows, li].to(torch.float64)).to(clean.dtype)
+            z.requires_grad_(True)
+            with torch.enable_grad(), hooked(model, {SiteRef(layer, site): _setter(pos[rows], z)}):
+                value = target_fn(runner.logits(rows), rows)
+                (grad,) = torch.autograd.grad(value.sum(), z)
+            gsum.index_add_(0, rows, weight_d[steps, None] * grad.to(torch.float64))
+        out[:, li] = _accumulate(clean[:, li], gsum).cpu()
+    return out
+
+
+def _left_pack(ids, mask, pos):
+    """Each row's real tokens up to its target, right-aligned (left padding): the target
+    becomes the last column. Returns (ids, mask) of shape [batch, P]."""
+    batch, seq = ids.shape
+    col = torch.arange(seq, device=ids.device)
+    keep = mask.bool() & (col[None, :] <= pos[:, None])
+    lengths = keep.sum(-1)
+    width = int(lengths.max())
+    new_ids = torch.zeros(batch, width, dtype=ids.dtype, device=ids.device)
+    new_mask = torch.zeros(batch, width, dtype=mask.dtype, device=ids.device)
+    for b in range(batch):
+        tokens = ids[b][keep[b]]
+        new_ids[b, width - tokens.numel():] = tokens
+        new_mask[b, width - tokens.numel():] = 1
+    return new_ids, new_mask
+
+
+def _select_cache(cache, rows: torch.Tensor):
+    """A copy of ``cache`` holding batch rows ``rows`` (with repeats); the prefix cache's
+    tensors are not modified (cache layers rebind, never write in place, on update)."""
+    new = copy.copy(cache)
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise NNError("engine='kv_cache' needs a transformers Cache with .layers: use engine='full'")
+    new.layers = [copy.copy(layer) for layer in layers]
+    new.batch_select_indices(rows)
+    return new
+
+
+def _ig_kv(model, ids, mask, pos, layers, site, alpha, weight, target_fn, max_batch):
+    packed_ids, packed_mask = _left_pack(ids, mask, pos)
+    width = packed_ids.shape[1]
+    last = torch.full_like(pos, width - 1)
+    if width == 1:  # no prefix to cache
+        return _ig_full(model, packed_ids, packed_mask, last, layers, site, alpha, weight,
+                        target_fn, max_batch)
+    takes_pos = _takes(model, "position_ids")
+    posids = _position_ids(packed_mask)
+    batch, device = ids.shape[0], ids.device
+    with torch.no_grad():
+        kw = {"input_ids": packed_ids[:, :-1], "attention_mask": packed_mask[:, :-1], "use_cache": True}
+        if takes_pos:
+            kw["position_ids"] = posids[:, :-1]
+        if _takes(model, "logits_to_keep"):
+            kw["logits_to_keep"] = 1
+        prefix = model(**kw).past_key_values
+    if prefix is None:
+        raise NNError("the model returned no KV cache: use engine='full'")
+
+    def last_logits(rows: torch.Tensor) -> torch.Tensor:
+        kw = {"input_ids": packed_ids[rows, -1:], "attention_mask": packed_mask[rows],
+              "past_key_values": _select_cache(prefix, rows), "use_cache": True}
+        if takes_pos:
+            kw["position_ids"] = posids[rows, -1:]
+        return model(**kw).logits[:, -1]
+
+    zero = torch.zeros(max_batch, dtype=torch.long, device=device)
+    # clean activations from the cached forward itself
+    parts = []
+    with torch.no_grad():
+        for start in range(0, batch, max_batch):
+            rows = torch.arange(start, min(start + max_batch, batch), device=device)
+            store: dict = {}
+            fns = {SiteRef(la, site): _reader(zero[:len(rows)], store, i) for i, la in enumerate(layers)}
+            with hooked(model, fns):
+                last_logits(rows)
+            parts.append(torch.stack([store[i] for i in range(len(layers))], dim=1))
+    clean = torch.cat(parts)
+
+    rows_all, steps_all = _pairs(batch, alpha.numel(), device)
+    alpha_d, weight_d = alpha.to(device), weight.to(device)
+    out = torch.empty(batch, len(layers), clean.shape[-1], dtype=torch.float32)
+    for li, layer in enumerate(layers):
+        gsum = torch.zeros(batch, clean.shape[-1], dtype=torch.float64, device=device)
+        for start in range(0, rows_all.numel(), max_batch):
+            rows = rows_all[start:start + max_batch]
+            steps = steps_all[start:start + max_batch]
+            z = (alpha_d[steps, None] * clean[rows, li].to(torch.float64)).to(clean.dtype)
+            z.requires_grad_(True)
+            with torch.enable_grad(), hooked(model, {SiteRef(layer, site): _setter(zero[:len(rows)], z)}):
+                value = target_fn(last_logits(rows), rows)
+                (grad,) = torch.autograd.grad(value.sum(), z)
+            gsum.index_add_(0, rows, weight_d[steps, None] * grad.to(torch.float64))
+        out[:, li] = _accumulate(clean[:, li], gsum).cpu()
+    return out
