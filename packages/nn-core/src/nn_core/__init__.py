@@ -18,7 +18,9 @@ _EXPORTS = {
     "device": ["resolve_device", "resolve_dtype", "seed_everything"],
     "errors": ["MissingExtraError", "NNError"],
     "intervene.hooks": ["Capture", "capture", "hooked"],
+    "intervene.lora_views": ["effective_values", "effective_weight", "is_lora_layer", "original_param_name"],
     "intervene.masks": ["MaskHandle", "WeightMask", "down_proj_weight_mask", "mask_neurons"],
+    "intervene.surgery": ["SplitLinear", "merge", "merge_all", "split_down_proj", "split_linear", "split_modules"],
     "model.adapters": ["ModelAdapter", "get_adapter", "model_id", "model_signature"],
     "model.loading": ["load_model"],
     "model.sites": ["SITES", "SiteRef"],
@@ -65,7 +67,21 @@ if TYPE_CHECKING:  # static analysers see the real names
     from nn_core.device import resolve_device, resolve_dtype, seed_everything  # noqa: F401
     from nn_core.errors import MissingExtraError, NNError  # noqa: F401
     from nn_core.intervene.hooks import Capture, capture, hooked  # noqa: F401
+    from nn_core.intervene.lora_views import (  # noqa: F401
+        effective_values,
+        effective_weight,
+        is_lora_layer,
+        original_param_name,
+    )
     from nn_core.intervene.masks import MaskHandle, WeightMask, down_proj_weight_mask, mask_neurons  # noqa: F401
+    from nn_core.intervene.surgery import (  # noqa: F401
+        SplitLinear,
+        merge,
+        merge_all,
+        split_down_proj,
+        split_linear,
+        split_modules,
+    )
     from nn_core.model.adapters import ModelAdapter, get_adapter, model_id, model_signature  # noqa: F401
     from nn_core.model.loading import load_model  # noqa: F401
     from nn_core.model.sites import SITES, SiteRef  # noqa: F401
