@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="signed: the attribution itself (the paper's code; prefers negative "
                         "contributions); abs: its magnitude (prefers channels that hardly matter)")
     s.add_argument("--plot", action="store_true", help="also write frequencies.png (layers x channels)")
-    s.add_argument("--chunk-size", type=_positive_int, default=256, metavar="N",
+    s.add_argument("--chunk-size", type=_positive_int, default=64, metavar="N",
                    help="samples read at a time (memory ~ N x layers x hidden x 8 bytes)")
     s.add_argument("--allow-incomplete", action="store_true",
                    help="select from an interrupted KVA file's complete samples")

@@ -220,7 +220,7 @@ class KVAFile:
         stop = self.num_samples if stop is None else min(stop, self.num_samples)
         return np.asarray(self._f["attributions"][start:stop], dtype=np.float32)
 
-    def iter_chunks(self, chunk_size: int = 256) -> Iterator[np.ndarray]:
+    def iter_chunks(self, chunk_size: int = 64) -> Iterator[np.ndarray]:
         """Successive ``[<= chunk_size, L, H]`` blocks of complete samples, in order."""
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise NNError(f"chunk size must be a positive integer, got {chunk_size!r}")

@@ -113,10 +113,17 @@ def lowest_k_mask(z: np.ndarray, k: int) -> np.ndarray:
     if k >= width:
         return np.ones(z.shape, dtype=bool)
     kth = np.partition(z, k - 1, axis=-1)[..., k - 1:k]
-    below = z < kth
-    need = k - below.sum(axis=-1, keepdims=True)
+    mask = z < kth
+    need = k - mask.sum(axis=-1, keepdims=True)  # >= 1: the k-th value itself
     equal = z == kth
-    return below | (equal & (np.cumsum(equal, axis=-1) <= need))
+    n_equal = equal.sum(axis=-1, keepdims=True)
+    exact = n_equal == need
+    mask |= equal & exact  # no surplus tie at the boundary: take every equal entry
+    tied = ~exact[..., 0]
+    if tied.any():  # more equal entries than places: the earliest ones
+        eq = equal[tied]
+        mask[tied] |= eq & (np.cumsum(eq, axis=-1, dtype=np.int32) <= need[tied])
+    return mask
 
 
 # ------------------------------------------------------------------ result
@@ -245,7 +252,7 @@ def select_from_arrays(chunks: Iterable[np.ndarray], num_layers: int, hidden_siz
 
 def select_channels(kva: str | os.PathLike | KVAFile, quota: float, *,
                     strategy: str = "layer-balanced", score: str = "signed",
-                    chunk_size: int = 256, allow_incomplete: bool = False) -> Selection:
+                    chunk_size: int = 64, allow_incomplete: bool = False) -> Selection:
     """Select LoKI's trainable ``mlp_out`` channels from a KVA file (see module docstring).
 
     The NeuronSet is stamped with the model signature recorded in the file (no model is
