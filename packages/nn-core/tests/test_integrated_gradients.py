@@ -133,10 +133,10 @@ def test_kv_cache_engine_equals_full(tiny_models, encode, arch):
     kv = integrated_gradients(model, enc["input_ids"], enc["attention_mask"], engine="kv_cache", **kw)
     assert float(full.abs().max()) > 0
     torch.testing.assert_close(kv, full, rtol=1e-5, atol=1e-5 * float(full.abs().max()))
-    # a target in the middle of a row, given explicitly
-    mid = integrated_gradients(model, enc["input_ids"], enc["attention_mask"], positions=[5, 3, 1],
+    # targets given explicitly: mid-row, and a first token (empty prefix in the cache)
+    mid = integrated_gradients(model, enc["input_ids"], enc["attention_mask"], positions=[5, 3, 0],
                                **kw)
-    mid_kv = integrated_gradients(model, enc["input_ids"], enc["attention_mask"], positions=[5, 3, 1],
+    mid_kv = integrated_gradients(model, enc["input_ids"], enc["attention_mask"], positions=[5, 3, 0],
                                   engine="kv_cache", **kw)
     torch.testing.assert_close(mid_kv, mid, rtol=1e-5, atol=1e-5 * float(mid.abs().max()))
     assert not torch.allclose(mid[0], full[0])
