@@ -131,3 +131,59 @@ def test_validation_errors(llama, tiny_models):
         NeuronSet({(5, "mlp_act"): [0]}).validate(llama)
     with pytest.raises(NNError, match="different models"):
         _ = ns | NeuronSet({(0, "mlp_act"): [1]}, {"num_layers": 7})
+
+
+# ------------------------------------------------------------------ files and scope
+def _file(tmp_path, neurons, meta):
+    import json
+
+    path = tmp_path / "sel.json"
+    obj = {"format": "nn.neuronset/1", "neurons": neurons}
+    if meta is not None:
+        obj["meta"] = meta
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_file_with_duplicate_indices_is_refused(tmp_path, capsys):
+    from nn_core.cli import main as core_main
+
+    path = _file(tmp_path, {"0.mlp_act": [3, 1, 3]}, {"num_layers": 2})
+    with pytest.raises(NNError, match=r"lists index\(es\) \[3\] more than once"):
+        NeuronSet.load(path)
+    assert core_main(["neurons", "info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "more than once" in err
+
+
+@pytest.mark.parametrize("meta", [None, {}, {"method": "ica"}])
+def test_file_without_model_meta_is_refused(tmp_path, meta, capsys):
+    from nn_core.cli import main as core_main
+
+    path = _file(tmp_path, {"0.mlp_act": [1]}, meta)
+    with pytest.raises(NNError, match="no 'meta' naming the model"):
+        NeuronSet.load(path)
+    assert core_main(["neurons", "info", str(path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_scope_is_part_of_equality_and_hash():
+    base = {(0, "mlp_act"): [1, 2]}
+    a = NeuronSet(base, {"num_layers": 2})
+    b = NeuronSet(base, {"num_layers": 2, "sites": ["mlp_act", "mlp_out"]})
+    c = NeuronSet(base, {"num_layers": 2, "layers": [0]})
+    assert a.scope == (("mlp_act",), None)
+    assert b.scope == (("mlp_act", "mlp_out"), None) and c.scope == (("mlp_act",), (0,))
+    assert a != b and a != c and b != c
+    assert len({a, b, c, NeuronSet(base, {"num_layers": 2, "method": "other"})}) == 3
+    assert a == NeuronSet({(0, "mlp_act"): [2, 1]}, {"num_layers": 2, "method": "x"})
+
+
+def test_algebra_takes_the_union_of_scopes():
+    a = NeuronSet({(0, "mlp_act"): [1, 2]}, {"num_layers": 3, "layers": [0]})
+    b = NeuronSet({(1, "mlp_out"): [5]}, {"num_layers": 3, "layers": [1]})
+    for r in (a | b, a & b, a - b, a ^ b):
+        assert r.scope == (("mlp_act", "mlp_out"), (0, 1))
+    everywhere = NeuronSet({(2, "mlp_act"): [0]}, {"num_layers": 3})
+    assert (a - everywhere).scope == (("mlp_act",), None)
+    assert (a - b) == a.with_meta(sites=["mlp_act", "mlp_out"], layers=[0, 1])

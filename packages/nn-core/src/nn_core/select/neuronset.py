@@ -9,6 +9,7 @@ widths per site) and is validated against a model before use. On disk it is JSON
 from __future__ import annotations
 
 import datetime as _dt
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -150,15 +151,24 @@ class NeuronSet:
                 out[ref.layer] = out.get(ref.layer, 0) + int(arr.size)
         return out
 
+    @property
+    def scope(self) -> tuple[tuple[str, ...], tuple[int, ...] | None]:
+        """What the selection is *about*: ``(sites, layers)``, the sites in canonical order
+        and ``meta["layers"]`` (None: every layer). It decides what a preserve mask
+        zeroes (every unselected channel of these sites in these layers), so it is part of
+        equality and hashing: two sets with the same neurons but another scope differ."""
+        layers = self._meta.get("layers")
+        return tuple(self._meta["sites"]), (None if layers is None else tuple(layers))
+
     def __eq__(self, other) -> bool:
         if not isinstance(other, NeuronSet):
             return NotImplemented
-        return self._data.keys() == other._data.keys() and all(
+        return self.scope == other.scope and self._data.keys() == other._data.keys() and all(
             np.array_equal(a, other._data[k]) for k, a in self._data.items()
         )
 
     def __hash__(self):
-        return hash(tuple((k, a.tobytes()) for k, a in self._data.items()))
+        return hash((self.scope, tuple(sorted((k, a.tobytes()) for k, a in self._data.items()))))
 
     def __repr__(self) -> str:
         layers = sorted({r.layer for r in self._data})
@@ -168,6 +178,11 @@ class NeuronSet:
 
     # ---------------------------------------------------------------- algebra
     def _combine(self, other: NeuronSet, op) -> NeuronSet:
+        """``|``, ``&``, ``-``, ``^`` per ``(layer, site)``. The result's :attr:`scope` is
+        the union of the operands' scopes whatever the operator (sites: union; layers:
+        union, or every layer when either operand covers every layer): the result is about
+        everything either operand was about, so ``A - B`` used as a preserve mask still
+        masks B's sites. Other meta comes from ``self``, then ``other``."""
         if not isinstance(other, NeuronSet):
             return NotImplemented
         _check_compatible(self._meta, other._meta)
@@ -280,7 +295,16 @@ class NeuronSet:
             if not isinstance(values, list) or not all(
                     isinstance(v, int) and not isinstance(v, bool) for v in values):
                 raise NNError(f"malformed NeuronSet file: neurons[{key!r}] must be a list of integers")
-        return cls(neurons, meta)
+            if len(set(values)) != len(values):
+                dup = sorted(v for v, n in Counter(values).items() if n > 1)[:5]
+                raise NNError(f"malformed NeuronSet file: neurons[{key!r}] lists index(es) {dup} more "
+                              "than once: each neuron must appear once; fix the producer of this file")
+        ns = cls(neurons, meta)  # checks the keys first (bad site, negative layer, ...)
+        if not meta or (meta.get("model_id") is None and meta.get("num_layers") is None):
+            raise NNError("NeuronSet file has no 'meta' naming the model it was made for "
+                          "(model_id or num_layers), so it would fit any model: re-create it "
+                          "with NeuronSet.for_model or 'nn-core neurons import --model MODEL'")
+        return ns
 
     def save(self, path) -> Path:
         from nn_core.io import atomic_write_json
