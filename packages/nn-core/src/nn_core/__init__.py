@@ -17,7 +17,9 @@ _EXPORTS = {
     "data": ["Example", "batches", "collate", "load_instructions", "load_texts", "render", "split_texts", "token_blocks", "tokenize_examples", "tokenize_texts"],
     "device": ["resolve_device", "resolve_dtype", "seed_everything"],
     "errors": ["MissingExtraError", "NNError"],
-    "intervene.hooks": ["Capture", "capture", "hooked"],
+    "intervene.capture": ["Capture", "PaddedCapture", "TokenBatch", "capture", "capture_padded", "stream_tokens"],
+    "intervene.hooks": ["ModuleTap", "SiteHooks", "hooked"],
+    "intervene.inject": ["inject"],
     "intervene.lora_views": ["effective_values", "effective_weight", "is_lora_layer", "original_param_name"],
     "intervene.masks": ["MaskHandle", "WeightMask", "down_proj_weight_mask", "mask_neurons"],
     "intervene.surgery": ["SplitLinear", "merge", "merge_all", "split_down_proj", "split_linear", "split_modules"],
@@ -66,7 +68,16 @@ if TYPE_CHECKING:  # static analysers see the real names
     )
     from nn_core.device import resolve_device, resolve_dtype, seed_everything  # noqa: F401
     from nn_core.errors import MissingExtraError, NNError  # noqa: F401
-    from nn_core.intervene.hooks import Capture, capture, hooked  # noqa: F401
+    from nn_core.intervene.capture import (  # noqa: F401
+        Capture,
+        PaddedCapture,
+        TokenBatch,
+        capture,
+        capture_padded,
+        stream_tokens,
+    )
+    from nn_core.intervene.hooks import ModuleTap, SiteHooks, hooked  # noqa: F401
+    from nn_core.intervene.inject import inject  # noqa: F401
     from nn_core.intervene.lora_views import (  # noqa: F401
         effective_values,
         effective_weight,

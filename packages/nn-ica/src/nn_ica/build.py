@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -133,9 +133,7 @@ def capture_matrix(
     activations raise :class:`NNError` naming the layer. ``device`` is where ``X`` lives
     (default: the model's device).
     """
-    from tqdm.auto import tqdm
-
-    from nn_core.intervene.hooks import hooked
+    from nn_core.intervene.capture import stream_tokens
     from nn_core.model.adapters import get_adapter
 
     if site not in CAPTURE_SITES:
@@ -163,55 +161,44 @@ def capture_matrix(
         raise NNError(f"cannot allocate the {keep_n} x {len(layer_list) * width} activation matrix "
                       f"({keep_n * len(layer_list) * width * 4 / 2**30:.1f} GiB): lower --max-tokens "
                       f"or select fewer --layers ({str(exc).splitlines()[0][:80]})") from None
-    state: dict = {}
-
-    def writer(block: int, layer: int) -> Callable[[torch.Tensor], None]:
-        cols = slice(block * width, (block + 1) * width)
-
-        def fn(act: torch.Tensor) -> None:
-            flat = act.detach().reshape(-1, act.shape[-1])[state["src"]]
-            if not torch.isfinite(flat).all():
-                raise NNError(f"non-finite activations at layer {layer} ({site}) in batch {state['batch']}: "
-                              "load the model in float32 (--dtype float32) or check the inputs")
-            x[state["dst"], cols] = flat.to(device=x_dev, dtype=torch.float32)
-            return None
-        return fn
 
     order = np.argsort(-lengths, kind="stable")  # similar lengths together: less padding
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    row_of = {}
+    groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    row_of: dict[int, list[tuple[int, int]]] = {}
     for row, (s, p) in enumerate(zip(seq_of.tolist(), pos_of.tolist(), strict=True)):
-        row_of.setdefault(s, []).append((p, row))
+        row_of.setdefault(s, []).append((p, row))  # positions ascending within a text
+    dst: dict[int, torch.Tensor] = {}  # batch index -> rows of X, in the stream's row-major order
+
+    def batches():
+        for bi, idx in enumerate(groups):
+            tmax = int(lengths[idx].max())
+            ids = torch.full((len(idx), tmax), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), tmax), dtype=torch.long)
+            chosen = torch.zeros((len(idx), tmax), dtype=torch.bool)
+            rows = []
+            for j, s in enumerate(idx.tolist()):
+                ids[j, : lengths[s]] = torch.tensor(seqs[s], dtype=torch.long)
+                mask[j, : lengths[s]] = 1
+                for p, row in row_of.get(s, []):
+                    chosen[j, p] = True
+                    rows.append(row)
+            dst[bi] = torch.tensor(rows, dtype=torch.long, device=x_dev)
+            yield {"input_ids": ids, "attention_mask": mask, "chosen": chosen}  # none chosen: not run
+
+    block_of = {layer: b for b, layer in enumerate(layer_list)}
+
+    def write(point, rows: torch.Tensor, batch) -> None:
+        block = block_of[point.layer]
+        if not torch.isfinite(rows).all():
+            raise NNError(f"non-finite activations at layer {point.layer} ({site}) in batch {batch.index}: "
+                          "load the model in float32 (--dtype float32) or check the inputs")
+        x[dst[batch.index], block * width:(block + 1) * width] = rows.to(device=x_dev, dtype=torch.float32)
+
     t0 = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    try:
-        with hooked(model, {(layer, site): writer(b, layer) for b, layer in enumerate(layer_list)}):
-            for bi, idx in enumerate(tqdm(batches, desc="capture", disable=_quiet(progress), leave=False)):
-                wanted = [(j, p, row) for j, s in enumerate(idx.tolist()) for p, row in row_of.get(s, [])]
-                if not wanted:
-                    continue  # no kept token in this batch: skip its forward pass
-                tmax = int(lengths[idx].max())
-                ids = torch.full((len(idx), tmax), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(idx), tmax), dtype=torch.long)
-                for j, s in enumerate(idx.tolist()):
-                    ids[j, : lengths[s]] = torch.tensor(seqs[s], dtype=torch.long)
-                    mask[j, : lengths[s]] = 1
-                src = torch.tensor([j * tmax + p for j, p, _ in wanted], device=model_dev)
-                state.update(src=src, dst=torch.tensor([r for _, _, r in wanted], device=x_dev), batch=bi)
-                model(input_ids=ids.to(model_dev), attention_mask=mask.to(model_dev))
-    finally:
-        model.train(was_training)
+    stream_tokens(model, [(layer, site) for layer in layer_list], batches(), write,
+                  select_key="chosen", check_finite=False, progress=progress)
     return ActivationMatrix(x, site, layer_list, width, len(seqs), total,
                             {"capture_s": time.perf_counter() - t0})
-
-
-def _quiet(progress: bool | None) -> bool:
-    if progress is None:
-        import sys
-
-        return not sys.stderr.isatty()
-    return not progress
 
 
 def split_datasets(specs: Sequence[str], heldout_fraction: float) -> tuple[list[str], list[str]]:

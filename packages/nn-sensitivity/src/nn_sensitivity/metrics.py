@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nn_core.device import input_device
 from nn_core.errors import NNError
 from nn_core.model.adapters import linear_in_out
 from nn_sensitivity import dist
-from nn_sensitivity.batching import prepare, split_rows, summed_nll
+from nn_sensitivity.batching import split_rows, summed_nll
 from nn_sensitivity.params import ParamInfo, eligible_params, resolve_params
 
 Batches = Iterable[Mapping[str, torch.Tensor]]
@@ -249,6 +248,8 @@ def _input_stats(model, infos, batches, what: str, progress) -> tuple[dict, int]
     """Per input feature of each scored tensor's module, over non-padding tokens:
     ``abs_sum`` = Σ_t |x_t| or ``sq_sum`` = Σ_t x_t², plus the token count. An embedding's
     input is a one-hot token vector, so its feature statistic is the token's count."""
+    from nn_core.intervene.capture import stream_tokens
+    from nn_core.intervene.hooks import ModuleTap
     from nn_sensitivity.params import _kind
 
     modules = dict(model.named_modules())
@@ -260,46 +261,27 @@ def _input_stats(model, infos, batches, what: str, progress) -> tuple[dict, int]
         wanted[i.module] = modules[i.module]
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {m: 0 for m in wanted}
-    state: dict = {"keep": None, "ids": None}
+    kinds = {name: _kind(mod) for name, mod in wanted.items()}
 
-    def hook_for(name: str, mod: nn.Module):
-        kind = _kind(mod)
+    def add(tap, rows: torch.Tensor, _batch) -> None:
+        # rows: the module's input at the batch's real tokens (nn_core.intervene.capture)
+        name = tap.module
+        if kinds[name] == "embedding":  # input = token ids
+            mod = wanted[name]
+            c = torch.bincount(rows.reshape(-1), minlength=mod.num_embeddings).double()
+            part, n = c.to(mod.weight.device), rows.numel()
+        else:
+            flat = rows.reshape(-1, rows.shape[-1]).double()
+            if flat.shape[0] != rows.shape[0]:
+                raise NNError(f"{name} sees inputs of shape {tuple(rows.shape[1:])} per token (routed "
+                              "or reshaped inputs): exclude it with --modules or use a gradient metric")
+            part = flat.abs().sum(0) if what == "abs_sum" else (flat * flat).sum(0)
+            n = flat.shape[0]
+        sums[name] = part if name not in sums else sums[name] + part
+        counts[name] += n
 
-        def pre(module, args):
-            keep = state["keep"]
-            if kind == "embedding":
-                ids = state["ids"][keep.to(state["ids"].device)]
-                c = torch.bincount(ids.reshape(-1), minlength=mod.num_embeddings).double()
-                part, n = c.to(mod.weight.device), ids.numel()
-            else:
-                x = args[0].detach()
-                flat = x.reshape(-1, x.shape[-1])
-                if flat.shape[0] != keep.numel():
-                    raise NNError(f"{name} sees {flat.shape[0]} input rows for {keep.numel()} "
-                                  "tokens (routed or reshaped inputs): exclude it with --modules "
-                                  "or use a gradient metric")
-                flat = flat[keep.to(x.device)].double()
-                part = flat.abs().sum(0) if what == "abs_sum" else (flat * flat).sum(0)
-                n = flat.shape[0]
-            sums[name] = part if name not in sums else sums[name] + part
-            counts[name] += n
-
-        return pre
-
-    handles = []
-    with _scoring_mode(model, [], grad=False):
-        try:
-            for name, mod in wanted.items():
-                handles.append(mod.register_forward_pre_hook(hook_for(name, mod)))
-            dev = input_device(model)
-            for batch in _progress(batches, what.replace("_sum", "") + " stats", progress):
-                b = prepare(batch, dev)
-                state["keep"] = b["attention_mask"].reshape(-1).bool()
-                state["ids"] = b["input_ids"].reshape(-1)
-                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-        finally:
-            for h in handles:
-                h.remove()
+    stream_tokens(model, [ModuleTap(name, "input") for name in wanted], batches, add,
+                  check_finite=False, progress=progress, desc=what.replace("_sum", "") + " stats")
     for name, mod in wanted.items():
         if name not in sums:
             width = mod.num_embeddings if _kind(mod) == "embedding" else linear_in_out(mod)[0]

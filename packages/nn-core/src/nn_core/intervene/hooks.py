@@ -1,203 +1,224 @@
-"""Forward hooks on sites: ``hooked`` (edit or read) and ``capture`` (stream activations).
+"""Forward hooks on sites and modules: one handle type, :class:`SiteHooks`, for all of them.
 
-Hooks are global state on the model: every function here registers inside ``try`` and
-removes in ``finally``, so an exception inside the block never leaves a hook behind.
+Every site intervention of nn-core (neuron masks, capture sinks, injected deltas, ad-hoc
+edits through :func:`hooked`) is a ``SiteHooks``: a mapping ``{point: fn}`` resolved against
+the model when the handle is built, registered only when it is used (``attach()`` or
+``with``), removed by ``remove()`` or on leaving the ``with`` block (in ``finally``, so an
+exception inside the block never leaves a hook behind). ``attach`` and ``remove`` are
+idempotent; ``disabled()`` makes the hooks pass everything through unchanged for a block
+without unregistering them.
+
+A *point* is a site (``SiteRef``, ``(layer, site)`` or ``"3.mlp_act"``; see
+:mod:`nn_core.model.sites`) or a :class:`ModuleTap`, the input or output of any named
+module (e.g. a Linear layer that is not a canonical site).
+
+``fn(x)`` sees the point's tensor: a pre-hook's first positional argument, or a forward
+hook's output (its first element when the module returns a tuple). It returns a
+replacement tensor, or None to leave the tensor as it is.
+
+Streaming capture (``capture``, ``Capture``) lives in :mod:`nn_core.intervene.capture`; the
+names are re-exported here for older imports.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from nn_core.device import input_device
 from nn_core.errors import NNError
 from nn_core.model.adapters import site_module
 from nn_core.model.sites import SiteRef, as_site_ref
 
 SiteFn = Callable[[torch.Tensor], torch.Tensor | None]
 
-REDUCERS = ("mean", "abs_mean", "sumsq")
+TAP_WHERE = ("input", "output")
 
 
-def _make_hook(fn: SiteFn, kind: str):
-    if kind == "pre":
-        def pre_hook(module, args):
-            new = fn(args[0])
-            if new is None:
-                return None
-            return (new, *args[1:])
-        return pre_hook
+@dataclass(frozen=True, order=True)
+class ModuleTap:
+    """The input (first positional argument) or output (first element if a tuple) of the
+    module named ``module`` in ``model.named_modules()``; str form ``"model.norm:input"``."""
 
-    def post_hook(module, args, output):
-        if isinstance(output, tuple):
-            new = fn(output[0])
-            return None if new is None else (new, *output[1:])
-        new = fn(output)
-        return new
-    return post_hook
+    module: str
+    at: str = "input"
+
+    def __post_init__(self) -> None:
+        if self.at not in TAP_WHERE:
+            raise NNError(f"a module tap is at 'input' or 'output', not '{self.at}'")
+
+    def __str__(self) -> str:
+        return f"{self.module}:{self.at}"
 
 
-def register_site_hooks(model: nn.Module, fns: Mapping) -> list:
-    """Register ``{site: fn}`` hooks and return their handles (caller removes them).
+HookPoint = SiteRef | ModuleTap
 
-    Prefer :func:`hooked`; this is for long-lived handles such as training masks.
-    ``fn(tensor)`` sees the site tensor (batch, seq, width) and returns a replacement or None.
+
+def as_hook_point(key) -> HookPoint:
+    """A :class:`ModuleTap` passes through; anything else is read as a site reference."""
+    if isinstance(key, ModuleTap):
+        return key
+    return as_site_ref(key)
+
+
+def resolve_point(model: nn.Module, point: HookPoint) -> tuple[nn.Module, str]:
+    """(module, "pre" | "post") to hook for ``point``."""
+    if isinstance(point, ModuleTap):
+        try:
+            module = model.get_submodule(point.module)
+        except AttributeError:
+            raise NNError(f"no module named '{point.module}' in the model: use a name from "
+                          "model.named_modules() (e.g. 'model.layers.0.mlp.up_proj')") from None
+        return module, ("pre" if point.at == "input" else "post")
+    return site_module(model, point)
+
+
+class SiteHooks:
+    """Forward hooks ``{point: fn}`` on ``model`` behind one handle.
+
+    >>> h = SiteHooks(model, {(3, "mlp_act"): lambda x: x * 0})   # nothing registered yet
+    >>> with h:                       # registered here, removed on exit (also on errors)
+    ...     lesioned = model(**batch).logits
+    ...     with h.disabled():        # still registered, but passes everything through
+    ...         clean = model(**batch).logits
+    >>> h.attach(); ...; h.remove()   # long-lived use (training)
+
+    ``with`` restores the state it found: a handle attached before the block stays attached
+    after it. Hooks run in registration order after hooks registered earlier on the same
+    module.
     """
-    handles = []
-    try:
+
+    def __init__(self, model: nn.Module, fns: Mapping):
+        self.model = model
+        self._points: list[tuple[HookPoint, nn.Module, str, SiteFn]] = []
         for key, fn in fns.items():
-            ref = as_site_ref(key)
-            module, kind = site_module(model, ref)
-            hook = _make_hook(fn, kind)
-            if kind == "pre":
-                handles.append(module.register_forward_pre_hook(hook))
-            else:
-                handles.append(module.register_forward_hook(hook))
-    except BaseException:
+            point = as_hook_point(key)
+            module, kind = resolve_point(model, point)
+            self._points.append((point, module, kind, fn))
+        self._handles: list = []
+        self._attached = False
+        self._enabled = True
+        self._entered: list[bool] = []
+
+    # ------------------------------------------------------------------ state
+    @property
+    def points(self) -> tuple[HookPoint, ...]:
+        return tuple(p for p, _, _, _ in self._points)
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @property
+    def n_hooks(self) -> int:
+        """How many torch hooks this handle holds registered right now."""
+        return len(self._handles)
+
+    # ------------------------------------------------------------------ hooks
+    def _wrap(self, point: HookPoint, kind: str, fn: SiteFn):
+        if kind == "pre":
+            def pre_hook(module, args):
+                if not self._enabled:
+                    return None
+                if not args:
+                    raise NNError(f"{point}: the module was called without a positional input; "
+                                  "tap its output or another module")
+                new = fn(args[0])
+                return None if new is None else (new, *args[1:])
+            return pre_hook
+
+        def post_hook(module, args, output):
+            if not self._enabled:
+                return None
+            if isinstance(output, tuple):
+                new = fn(output[0])
+                return None if new is None else (new, *output[1:])
+            return fn(output)
+        return post_hook
+
+    def attach(self) -> SiteHooks:
+        """Register the hooks (no-op when attached); all or none are registered."""
+        if self._attached:
+            return self
+        handles = []
+        try:
+            for point, module, kind, fn in self._points:
+                hook = self._wrap(point, kind, fn)
+                if kind == "pre":
+                    handles.append(module.register_forward_pre_hook(hook))
+                else:
+                    handles.append(module.register_forward_hook(hook))
+        except BaseException:
+            for h in handles:
+                h.remove()
+            raise
+        self._handles = handles
+        self._attached = True
+        return self
+
+    def remove(self) -> None:
+        """Unregister the hooks (no-op when not attached)."""
+        handles, self._handles, self._attached = self._handles, [], False
         for h in handles:
             h.remove()
-        raise
-    return handles
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[SiteHooks]:
+        """A block in which the hooks leave every tensor untouched (the clean model)."""
+        previous = self._enabled
+        self._enabled = False
+        try:
+            yield self
+        finally:
+            self._enabled = previous
+
+    def __enter__(self) -> SiteHooks:
+        fresh = not self._attached
+        self.attach()
+        self._entered.append(fresh)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fresh = self._entered.pop() if self._entered else True
+        if fresh:
+            self.remove()
+
+    def __repr__(self) -> str:
+        state = "attached" if self._attached else "detached"
+        if not self._enabled:
+            state += ", disabled"
+        return f"{type(self).__name__}({', '.join(map(str, self.points))}; {state})"
 
 
-@contextlib.contextmanager
-def hooked(model: nn.Module, fns: Mapping) -> Iterator[None]:
-    """Run a block with site hooks installed; they are removed on exit, also on errors.
+def hooked(model: nn.Module, fns: Mapping) -> SiteHooks:
+    """A :class:`SiteHooks` for ``with``: hooks installed for the block, removed on exit.
 
     >>> with hooked(model, {(3, "mlp_act"): lambda x: x * 0}):
     ...     logits = model(**batch).logits
     """
-    handles = register_site_hooks(model, fns)
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return SiteHooks(model, fns)
 
 
-@dataclass
-class Capture:
-    """Result of :func:`capture`.
+def register_site_hooks(model: nn.Module, fns: Mapping) -> list:
+    """Register ``{point: fn}`` now and return the torch handles (the caller removes them).
 
-    Without a reducer, ``values[ref]`` is (n_tokens, width) float32 on the CPU, tokens in
-    batch order, padding excluded. With a reducer it is (width,) float64: the per-channel
-    mean, mean of absolute values, or sum of squares over all non-padding tokens.
+    Prefer :class:`SiteHooks` (``attach()``/``remove()``), which also offers ``disabled()``.
     """
-
-    values: dict[SiteRef, torch.Tensor]
-    n_tokens: int
-    reducer: str | None = None
-    n_batches: int = 0
-    meta: dict = field(default_factory=dict)
-
-    def __getitem__(self, key) -> torch.Tensor:
-        return self.values[as_site_ref(key)]
-
-    def keys(self):
-        return self.values.keys()
+    hooks = SiteHooks(model, fns).attach()
+    return list(hooks._handles)
 
 
-@torch.no_grad()
-def capture(
-    model: nn.Module,
-    sites: Iterable,
-    batches: Iterable[Mapping[str, torch.Tensor]],
-    reducer: str | None = None,
-    *,
-    token_mask_key: str = "attention_mask",
-    progress: bool | None = None,
-) -> Capture:
-    """Stream activations at ``sites`` over ``batches`` with padding excluded.
+def __getattr__(name: str):
+    # capture moved to nn_core.intervene.capture (it builds on SiteHooks); old imports work
+    if name in ("Capture", "capture", "REDUCERS"):
+        from nn_core.intervene import capture as _capture
 
-    ``batches`` yields dicts with ``input_ids`` and ``attention_mask`` (extra keys such as
-    ``labels`` are ignored). Tokens where the mask is 0 are dropped. With ``reducer``
-    ("mean", "abs_mean", "sumsq") only running float64 sums are kept, so memory does not
-    grow with the number of tokens. Non-finite activations raise :class:`NNError`.
-    """
-    from tqdm.auto import tqdm
-
-    if reducer is not None and reducer not in REDUCERS:
-        raise NNError(f"unknown reducer '{reducer}': use one of {', '.join(REDUCERS)} or None")
-    refs = [as_site_ref(s) for s in sites]
-    if not refs:
-        raise NNError("capture needs at least one site, e.g. (0, 'mlp_act')")
-    device = input_device(model)
-    chunks: dict[SiteRef, list[torch.Tensor]] = {r: [] for r in refs}
-    sums: dict[SiteRef, torch.Tensor | None] = {r: None for r in refs}
-    state = {"keep": None, "batch": 0}
-
-    def reader(ref: SiteRef):
-        def fn(x: torch.Tensor):
-            keep = state["keep"]
-            flat = x.detach().reshape(-1, x.shape[-1])
-            if keep is not None:
-                flat = flat[keep]
-            if not torch.isfinite(flat).all():
-                raise NNError(f"non-finite activations at {ref} in batch {state['batch']}: "
-                              "load the model in float32 (--dtype float32) or check the inputs")
-            if reducer is None:
-                chunks[ref].append(flat.float().cpu())
-            else:
-                # float64 sums; MPS has no float64, so there the per-batch sum is float32
-                # and the running total float64 on the CPU
-                f = flat.float() if flat.device.type == "mps" else flat.double()
-                part = {"mean": f.sum(0), "abs_mean": f.abs().sum(0), "sumsq": (f * f).sum(0)}[reducer]
-                if part.device.type == "mps":
-                    part = part.cpu().double()
-                sums[ref] = part if sums[ref] is None else sums[ref] + part
-            return None
-        return fn
-
-    n_tokens = 0
-    n_batches = 0
-    takes_pos = _takes_position_ids(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with hooked(model, {r: reader(r) for r in refs}):
-            for batch in tqdm(batches, desc="capture", disable=_quiet(progress), leave=False):
-                ids = batch["input_ids"].to(device)
-                mask = batch.get(token_mask_key)
-                mask = torch.ones_like(ids) if mask is None else mask.to(device)
-                state["keep"] = mask.reshape(-1).bool()
-                state["batch"] = n_batches
-                extra = {}
-                if takes_pos and bool((mask[:, 0] == 0).any()):
-                    # left padding: count positions from each row's first real token, as in
-                    # an unpadded run (matters for absolute position embeddings, e.g. GPT-2)
-                    extra["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
-                model(input_ids=ids, attention_mask=mask, **extra)
-                n_tokens += int(mask.sum())
-                n_batches += 1
-    finally:
-        model.train(was_training)
-    if n_tokens == 0:
-        raise NNError("capture saw no tokens: the data is empty or fully padded")
-    if reducer is None:
-        values = {r: torch.cat(chunks[r]) for r in refs}
-    elif reducer == "sumsq":
-        values = {r: sums[r].cpu() for r in refs}
-    else:
-        values = {r: (sums[r] / n_tokens).cpu() for r in refs}
-    return Capture(values, n_tokens, reducer, n_batches)
-
-
-def _takes_position_ids(model: nn.Module) -> bool:
-    import inspect
-
-    try:
-        return "position_ids" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _quiet(progress: bool | None) -> bool:
-    if progress is None:
-        import sys
-
-        return not sys.stderr.isatty()
-    return not progress
+        return getattr(_capture, name)
+    raise AttributeError(f"module 'nn_core.intervene.hooks' has no attribute '{name}'")

@@ -9,12 +9,14 @@
   them in ``meta["layers"]``; layers outside that list are left untouched.
 
 Kept channels are not touched (``masked_fill``), so they are bit-identical to an unhooked
-forward, and a masked channel is exactly 0 even where it held inf or NaN. The handle works as a context manager or stays attached (training)
+forward, and a masked channel is exactly 0 even where it held inf or NaN. The handle is a
+:class:`~nn_core.intervene.hooks.SiteHooks`: a context manager, or attached (training)
 until ``remove()``; it registers nothing until entered or attached, so it cannot leak.
 
 ``WeightMask`` trains only some rows/columns of weights: gradients of frozen entries are
-zeroed by a tensor hook and, after every optimizer step, frozen entries are written back
-from a saved copy, so decoupled weight decay and stale Adam moments cannot move them.
+set to 0 by a tensor hook (``masked_fill``, so a NaN gradient there becomes 0 as well)
+and, after every optimizer step, frozen entries are written back from a saved copy, so
+decoupled weight decay and stale Adam moments cannot move them.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 
 from nn_core.errors import NNError
-from nn_core.intervene.hooks import register_site_hooks
+from nn_core.intervene.hooks import SiteHooks
 from nn_core.model.sites import SiteRef
 from nn_core.select.neuronset import NeuronSet
 
@@ -62,19 +64,16 @@ def site_masks(model: nn.Module, neurons: NeuronSet, mode: str) -> dict[SiteRef,
     return out
 
 
-class MaskHandle:
-    """Forward masks on a model. Use ``with handle:`` or ``handle.attach()``/``remove()``."""
+class MaskHandle(SiteHooks):
+    """Forward masks on a model: a :class:`~nn_core.intervene.hooks.SiteHooks` whose hooks
+    zero the masked channels. Use ``with handle:`` or ``handle.attach()``/``remove()``;
+    ``handle.disabled()`` gives the unmasked model without unregistering."""
 
     def __init__(self, model: nn.Module, masks: Mapping[SiteRef, torch.Tensor], mode: str):
-        self.model = model
         self.mode = mode
         self.masks = dict(masks)
-        self._handles: list = []
         self._cache: dict[tuple, torch.Tensor] = {}
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
+        super().__init__(model, {r: self._fn(r) for r in self.masks})
 
     def _fn(self, ref: SiteRef):
         base = self.masks[ref]
@@ -87,23 +86,6 @@ class MaskHandle:
                 drop = self._cache[(ref, x.device)] = base.to(x.device) == 0
             return x.masked_fill(drop, 0)
         return apply
-
-    def attach(self) -> MaskHandle:
-        if self._handles:
-            raise RuntimeError("mask is already attached")
-        self._handles = register_site_hooks(self.model, {r: self._fn(r) for r in self.masks})
-        return self
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self) -> MaskHandle:
-        return self.attach()
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
 def mask_neurons(model: nn.Module, neurons: NeuronSet, mode: str = "lesion") -> MaskHandle:
@@ -138,8 +120,15 @@ class WeightMask:
         return int(sum(int(m.sum()) for _, _, m, _ in self._entries))
 
     def attach(self, optimizer: torch.optim.Optimizer | None = None) -> WeightMask:
+        """Register the gradient hooks (and the restore after ``optimizer.step()``); a
+        second call while attached does nothing."""
+        if self._handles:
+            return self
         for _, p, m, _ in self._entries:
-            self._handles.append(p.register_hook(lambda g, m=m: g * m.to(g.dtype)))
+            # masked_fill, not g * m: a NaN or inf gradient of a frozen entry becomes 0
+            # (NaN * 0 would stay NaN and poison the optimizer state)
+            frozen = ~m
+            self._handles.append(p.register_hook(lambda g, f=frozen: g.masked_fill(f.to(g.device), 0)))
         if optimizer is not None:
             self._handles.append(optimizer.register_step_post_hook(lambda *a, **k: self.restore()))
         return self
