@@ -8,7 +8,7 @@ from nn_core.model.loading import load_model
 from nn_ica.build import BuildConfig, build_templates, capture_matrix
 
 TEXTS = [f"Sample text number {i}: the quick brown fox {i * 7} jumps over {i % 5} lazy dogs." for i in range(48)]
-SMALL = dict(samples=48, max_tokens=600, pca_components=12, components=4, heldout_fraction=0.0)
+SMALL = dict(method="fnsft", samples=48, max_tokens=600, pca_components=12, components=4, heldout_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +99,48 @@ def test_bad_numbers_rejected_before_any_work(kw, msg):
     """Rejected by check(), i.e. before capture/PCA/ICA: no model is needed to see it."""
     with pytest.raises(NNError, match=msg):
         BuildConfig(**kw).check()
+
+
+@pytest.mark.parametrize("layout", ["per-layer", "concat"])
+def test_canica_build_spatial_maps_thresholded_by_z(tiny, layout):
+    from nn_ica.decompose import select_z, spatial_ica, standardise_
+
+    model, tok = tiny
+    cfg = BuildConfig(layout=layout, **{**SMALL, "method": "canica", "pca_components": 20})
+    t = build_templates(model, tok, texts=TEXTS, config=cfg)
+    m = t.metadata
+    assert m["method"] == "canica" and m["z_threshold"] == 3.6 and m["ica"]["layout"] == layout
+    n_blocks = 2 if layout == "per-layer" else 1
+    assert len(t) == 4 * n_blocks and t.ids == list(range(4 * n_blocks))
+    if layout == "per-layer":
+        for c in t.components:
+            assert set(c.neurons) <= {c.extra["layer"]} and c.extra["map"] == c.id % 4
+    # the same selection, recomputed from the captured matrix of layer 0 / all layers
+    from nn_core.data import tokenize_texts
+
+    ids = tokenize_texts(tok, TEXTS[: cfg.samples], max_length=cfg.max_length)
+    mat = capture_matrix(model, ids, max_tokens=600, seed=0, pad_id=tok.pad_token_id or 0)
+    x = mat.x[:, :128] if layout == "per-layer" else mat.x
+    stats = standardise_(x)
+    res = spatial_ica(x, n_components=4, pca_components=20, seed=0, dead=stats.zero_variance)
+    want = select_z(res.z, 3.6)
+    for j in range(4):
+        got = [lay * 128 + ch for lay, arr in t.components[j].neurons.items() for ch in arr.tolist()]
+        assert sorted(got) == want[j].tolist()
+
+
+def test_canica_subsets_union_and_bad_settings(tiny):
+    model, tok = tiny
+    base = {**SMALL, "method": "canica", "pca_components": 20}
+    one = build_templates(model, tok, texts=TEXTS, config=BuildConfig(**base))
+    two = build_templates(model, tok, texts=TEXTS, config=BuildConfig(subsets=2, **base))
+    assert two.metadata["ica"]["subsets"] == 2 and two.metadata["ica"]["n_runs"] == 4
+    assert len(two) == len(one)
+    with pytest.raises(NNError, match="--subsets"):
+        BuildConfig(subsets=0, **base).check()
+    with pytest.raises(NNError, match="tokens each"):
+        BuildConfig(subsets=40, **base).check()
+    with pytest.raises(NNError, match="--method"):
+        BuildConfig(method="pca").check()
+    with pytest.raises(NNError, match="--layout"):
+        BuildConfig(layout="rows").check()

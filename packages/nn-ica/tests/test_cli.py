@@ -6,7 +6,7 @@ import pytest
 
 from nn_ica.cli import main, parse_layers
 
-BUILD = ["--samples", "24", "--max-tokens", "400", "--pca-components", "12", "--components", "4",
+BUILD = ["--method", "fnsft", "--samples", "24", "--max-tokens", "400", "--pca-components", "12", "--components", "4",
          "--max-length", "48"]
 
 
@@ -120,3 +120,53 @@ def test_eval_defaults_to_the_templates_data_and_warns_on_overlap(built, tmp_pat
     assert "record no dataset to evaluate on: pass --data" in capsys.readouterr().err
     assert main(["eval", "--templates", str(path), "--components", "0", "--seed", "-1", "--data", "pydoc"]) == 2
     assert "--seed must be 0 or more" in capsys.readouterr().err
+
+
+def test_eval_ranks_all_components_and_preserves_a_fraction(built, tmp_path, capsys):
+    out = tmp_path / "rank"
+    code = main(["eval", "--templates", str(built / "templates.json"), "--preserve-fraction", "0.05",
+                 "--samples", "3", "--random", "2", "--max-length", "32", "--out", str(out)])
+    assert code == 0  # --components defaults to all: the ranking table
+    text = capsys.readouterr().out
+    assert "ranked by lesion" in text and "key networks" in text and "preserve top-ranked" in text
+    rep = json.loads((out / "eval.json").read_text())
+    rows = rep["ranking"]["rows"]
+    assert sorted(r["id"] for r in rows) == [0, 1, 2, 3]
+    assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
+    assert rep["lesion_all"]["mode"] == "lesion" and rep["preserve"]["mode"] == "preserve"
+    # fnsft components hold 2 % of 256 channels each: the prefix nearest 5 % is two or three
+    assert rep["preserve"]["components"] == [r["id"] for r in rows][: len(rep["preserve"]["components"])]
+    assert 0.02 <= rep["preserve"]["covered_fraction"] <= 0.08
+    assert main(["eval", "--templates", str(built / "templates.json"), "--preserve-fraction", "1.5"]) == 2
+
+
+def test_build_records_its_tool_and_refuses_bad_out_before_loading(built, tmp_path, capsys, monkeypatch):
+    assert json.loads((built / "manifest.json").read_text())["tool"] == "nn-ica build"
+    import nn_ica.cli as cli
+
+    def no_load(*a, **k):  # the output location is checked before any model is loaded
+        raise AssertionError("model loaded before --out was checked")
+
+    monkeypatch.setattr(cli, "_load", no_load)
+    f = tmp_path / "f.txt"
+    f.write_text("mine")
+    for out, text in ((f, "existing file"), (f / "sub", "is a file")):
+        assert main(["build", "tiny-llama", "pydoc", *BUILD, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and text in err and "Traceback" not in err
+    assert f.read_text() == "mine"
+
+
+def test_eval_required_flags_from_config(built, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"templates: {built / 'templates.json'}\ncomponents: '0'\nsamples: 2\nrandom: 0\n"
+                   "max-length: 32\n")
+    out = tmp_path / "ev"
+    assert main(["eval", "--config", str(cfg), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert json.loads((out / "manifest.json").read_text())["tool"] == "nn-ica eval"
+    assert (out / "eval.json").is_file()
+    cfg.write_text("components: '0'\n")
+    capsys.readouterr()
+    assert main(["eval", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs --templates" in err and "NN_ICA_TEMPLATES" in err

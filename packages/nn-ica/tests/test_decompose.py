@@ -149,3 +149,57 @@ def test_threshold_selects_top_percentile_and_never_zero_loadings():
     assert np.array_equal(picked[1], np.arange(990, 1000))
     with pytest.raises(NNError, match="percentile"):
         select_channels(maps, 100.0)
+
+
+def sparse_networks(n=3000, p=600, n_nets=4, size=15, seed=0, noise=1.0):
+    """Four disjoint few-channel networks (15 of 600 neurons each, 2.5 %), each driven by
+    its own heavy-tailed source, in unit Gaussian noise on every neuron."""
+    rng = np.random.default_rng(seed)
+    chans = rng.permutation(p)[: n_nets * size].reshape(n_nets, size)
+    src = rng.laplace(size=(n, n_nets)) * 2.0
+    x = noise * rng.normal(size=(n, p))
+    for j in range(n_nets):
+        x[:, chans[j]] += src[:, [j]] * rng.uniform(0.8, 1.2, size=size)
+    return [set(c.tolist()) for c in chans], torch.tensor(x, dtype=torch.float32)
+
+
+def best_ious(true_sets, picked):
+    """For every true network, the IoU of the best-matching thresholded component."""
+    return [max(len(t & set(c.tolist())) / len(t | set(c.tolist())) for c in picked) for t in true_sets]
+
+
+@pytest.mark.parametrize("backend", ["torch", "sklearn"])
+def test_spatial_ica_recovers_sparse_networks(backend):
+    from nn_ica.decompose import select_z, spatial_ica
+
+    true_sets, x = sparse_networks()
+    stats = standardise_(x)
+    res = spatial_ica(x, n_components=4, pca_components=20, backend=backend, seed=0,
+                      dead=stats.zero_variance)
+    assert res.converged and res.z.shape == (600, 4)
+    picked = select_z(res.z, 3.6)
+    ious = best_ious(true_sets, picked)
+    assert min(ious) >= 0.9, ious
+    # noise neurons are (almost) never selected: |z| > 3.6 has tail mass ~3e-4 under a Gaussian
+    noise = set(range(600)) - set().union(*true_sets)
+    assert sum(len(noise & set(c.tolist())) for c in picked) <= 4
+
+
+@pytest.mark.parametrize("backend", ["torch", "sklearn"])
+def test_temporal_ica_recovers_sparse_networks(backend):
+    true_sets, x = sparse_networks(seed=1)
+    standardise_(x)
+    res = decompose(x, n_components=4, pca_components=20, backend=backend, seed=0)
+    picked, _ = select_channels(res.maps, 100.0 * (1 - 15 / 600))  # top 2.5 %: the true size
+    ious = best_ious(true_sets, picked)
+    assert min(ious) >= 0.9, ious
+
+
+def test_select_z_uses_both_tails_and_rejects_bad_threshold():
+    from nn_ica.decompose import select_z
+
+    z = np.array([[0.0, 4.0], [-3.7, 0.1], [3.59, -5.0], [3.61, 0.0]])
+    picked = select_z(z, 3.6)
+    assert picked[0].tolist() == [1, 3] and picked[1].tolist() == [0, 2]
+    with pytest.raises(NNError, match="z-threshold"):
+        select_z(z, 0.0)

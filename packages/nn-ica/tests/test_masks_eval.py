@@ -81,3 +81,43 @@ def test_evaluate_rejects_other_model_and_unknown_ids():
     other, otok = load_model("tiny-gpt2")
     with pytest.raises(NNError, match="'tiny-llama'.*'tiny-gpt2'"):
         evaluate_components(other, otok, t, [0], TEXTS)
+
+
+def test_rank_components_matches_single_evaluations_and_orders_by_score():
+    from nn_ica.evaluate import rank_components
+
+    model, tok = load_model("tiny-llama")
+    # component 2: half of layer 0 (a large lesion); 0 and 1 small
+    comps = [Component(0, {0: np.array([1, 4, 9])}), Component(1, {1: np.array([3, 5])}),
+             Component(2, {0: np.arange(0, 128, 2)}), Component(3, {})]
+    t = Templates({**model_signature(model), "site": "mlp_act"}, comps)
+    rank = rank_components(model, tok, t, TEXTS, n_random=2, max_length=32, batch_size=2)
+    assert rank["n_channels"] == 2 * 128
+    rows = {r["id"]: r for r in rank["rows"]}
+    assert [r["id"] for r in rank["rows"]][-1] == 3 and rows[3]["size"] == 0  # empty: last
+    scores = [r["score"] for r in rank["rows"]]
+    assert scores == sorted(scores, reverse=True)
+    for cid in (0, 1, 2):
+        one = evaluate_components(model, tok, t, [cid], TEXTS, n_random=2, max_length=32, batch_size=2)
+        r = rows[cid]
+        assert r["size"] == one["n_neurons"] and r["fraction"] == one["n_neurons"] / 256
+        assert r["delta_ppl"] == pytest.approx(one["delta_ppl"], rel=1e-6, abs=1e-9)
+        assert r["random_mean"] == pytest.approx(one["random"]["mean"], rel=1e-6, abs=1e-9)
+        assert r["random_std"] == pytest.approx(one["random"]["std"], rel=1e-6, abs=1e-9)
+        if r["random_std"]:
+            assert r["z"] == pytest.approx((r["delta_ppl"] - r["random_mean"]) / r["random_std"])
+            assert r["score"] == r["z"]
+
+
+def test_pick_fraction_takes_the_rank_prefix_nearest_the_target():
+    from nn_ica.evaluate import pick_fraction
+
+    comps = [Component(0, {0: np.arange(10)}), Component(1, {0: np.arange(5, 20)}),  # overlaps 0
+             Component(2, {1: np.arange(30)})]
+    t = Templates({"site": "mlp_act", "num_layers": 2, "widths": {"mlp_act": 100}}, comps)
+    assert pick_fraction(t, [0, 1, 2], 0.10, 200) == ([0, 1], 20 / 200)  # union 20 channels, not 25
+    assert pick_fraction(t, [2, 0, 1], 0.10, 200) == ([2], 30 / 200)  # 0.15 beats 0.20
+    assert pick_fraction(t, [0, 1, 2], 0.90, 200) == ([0, 1, 2], 50 / 200)  # all, short of F
+    assert pick_fraction(t, [1, 0], 0.01, 200) == ([1], 15 / 200)  # never empty
+    with pytest.raises(NNError, match="preserve-fraction"):
+        pick_fraction(t, [0], 1.0, 200)

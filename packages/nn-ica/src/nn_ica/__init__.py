@@ -14,9 +14,11 @@ from nn_ica.decompose import (
     match_columns,
     randomized_pca_torch,
     select_channels,
+    select_z,
+    spatial_ica,
     standardise_,
 )
-from nn_ica.evaluate import evaluate_components, heldout_texts
+from nn_ica.evaluate import evaluate_components, heldout_texts, pick_fraction, rank_components
 from nn_ica.templates import FORMAT, Component, Templates, component_iou, match_templates
 from nn_ica.train import lora_channel_mask, masked_finetune
 
@@ -41,7 +43,11 @@ __all__ = [
     "masked_finetune",
     "match_columns",
     "match_templates",
+    "pick_fraction",
     "randomized_pca_torch",
+    "rank_components",
     "select_channels",
+    "select_z",
+    "spatial_ica",
     "standardise_",
 ]

@@ -20,10 +20,19 @@ import torch
 from torch import nn
 
 from nn_core.errors import NNError
-from nn_ica.decompose import decompose, select_channels, standardise_
+from nn_ica.decompose import (
+    decompose,
+    match_columns,
+    select_channels,
+    select_z,
+    spatial_ica,
+    standardise_,
+)
 from nn_ica.templates import Component, Templates
 
 CAPTURE_SITES = ("mlp_act", "mlp_out")
+METHODS = ("fnsft", "canica")
+LAYOUTS = ("per-layer", "concat")
 
 
 @dataclass
@@ -41,14 +50,20 @@ class BuildConfig:
     max_length: int = 128  # tokens per text (truncated)
     max_tokens: int = 4096  # rows of X, drawn from all non-padding tokens
     batch_size: int = 8
-    pca_components: int = 100
-    components: int = 20
+    pca_components: int = 50
+    components: int = 10  # canica per-layer: maps per layer; otherwise in all
     percentile: float = 98.0
     backend: str = "torch"
     seed: int = 0
     max_iter: int = 1000
     tol: float = 1e-4
     heldout_fraction: float = 0.1  # documents kept out of building (nn-ica eval scores them)
+    # "canica": spatial ICA (neurons as samples), maps z-scored, |z| > z_threshold (Liu et al.);
+    # "fnsft": temporal ICA of all layers concatenated, top (100 - percentile) % per component.
+    method: str = "canica"
+    z_threshold: float = 3.6  # canica only
+    layout: str = "per-layer"  # canica only: one ICA per layer ("per-layer") or all layers ("concat")
+    subsets: int = 1  # canica only: text subsets whose matched maps are unioned
 
     def check(self) -> BuildConfig:
         if self.site not in CAPTURE_SITES:
@@ -72,6 +87,18 @@ class BuildConfig:
             raise NNError(f"--seed must be 0 or more, got {self.seed}")
         if not 0 <= self.heldout_fraction < 1:
             raise NNError(f"--heldout-fraction must be in [0, 1), got {self.heldout_fraction}")
+        if self.method not in METHODS:
+            raise NNError(f"unknown --method '{self.method}': use one of {', '.join(METHODS)}")
+        if self.layout not in LAYOUTS:
+            raise NNError(f"unknown --layout '{self.layout}': use one of {', '.join(LAYOUTS)}")
+        if not self.z_threshold > 0:
+            raise NNError(f"--z-threshold must be positive, got {self.z_threshold}")
+        if int(self.subsets) < 1:
+            raise NNError(f"--subsets must be at least 1, got {self.subsets}")
+        if self.method == "canica" and self.max_tokens // int(self.subsets) <= self.pca_components:
+            raise NNError(f"--max-tokens {self.max_tokens} split into {self.subsets} subsets leaves "
+                          f"{self.max_tokens // int(self.subsets)} tokens each, not more than --pca-components "
+                          f"{self.pca_components}: raise --max-tokens or lower --subsets / --pca-components")
         return self
 
 
@@ -248,7 +275,6 @@ def build_templates(
     ``device`` is where the matrix and the torch backend run (default: the model's).
     """
     from nn_core.data import tokenize_texts
-    from nn_core.model.adapters import model_signature
 
     cfg = (config or BuildConfig()).check()
     t_start = time.perf_counter()
@@ -271,6 +297,9 @@ def build_templates(
         raise NNError(f"only {mat.n_tokens} tokens captured, fewer than --components {cfg.components} / "
                       f"--pca-components {cfg.pca_components}: use more samples, longer --max-length or "
                       "fewer components")
+    if cfg.method == "canica":
+        components, method_meta = _canica_components(mat, cfg, device=device, timings=timings)
+        return _templates(model, mat, cfg, datasets, drawn, components, method_meta, timings, t_start)
     t0 = time.perf_counter()
     stats = standardise_(mat.x)
     timings["standardise_s"] = time.perf_counter() - t0
@@ -290,6 +319,24 @@ def build_templates(
             variance=float(dec.components_variance[j]), threshold=float(thresholds[j]),
         ))
     timings["threshold_s"] = time.perf_counter() - t0
+    method_meta = {
+        "matrix": {"shape": list(mat.x.shape), "bytes": mat.nbytes, "dtype": "float32",
+                   "zero_variance_columns": stats.n_zero_variance},
+        "pca": {"components": cfg.pca_components, "solver": "randomized",
+                "explained_variance_ratio": [round(float(v), 6) for v in dec.explained_variance_ratio],
+                "explained_variance_total": float(dec.explained_variance_ratio.sum())},
+        "ica": dec.ica_metadata(),
+        "percentile": cfg.percentile,
+        "sign_rule": "positive skewness of each spatial map (tie: largest |loading| positive)",
+        "order": "by variance explained, largest first",
+    }
+    return _templates(model, mat, cfg, datasets, drawn, components, method_meta, timings, t_start)
+
+
+def _templates(model, mat: ActivationMatrix, cfg: BuildConfig, datasets, drawn, components,
+               method_meta: dict, timings: dict, t_start: float) -> Templates:
+    from nn_core.model.adapters import model_signature
+
     timings["total_s"] = time.perf_counter() - t_start
     sig = model_signature(model)
     meta = {
@@ -304,15 +351,8 @@ def build_templates(
         "n_tokens_seen": mat.n_tokens_seen,
         "n_tokens": mat.n_tokens,
         "max_tokens": cfg.max_tokens,
-        "matrix": {"shape": list(mat.x.shape), "bytes": mat.nbytes, "dtype": "float32",
-                   "zero_variance_columns": stats.n_zero_variance},
-        "pca": {"components": cfg.pca_components, "solver": "randomized",
-                "explained_variance_ratio": [round(float(v), 6) for v in dec.explained_variance_ratio],
-                "explained_variance_total": float(dec.explained_variance_ratio.sum())},
-        "ica": dec.ica_metadata(),
-        "percentile": cfg.percentile,
-        "sign_rule": "positive skewness of each spatial map (tie: largest |loading| positive)",
-        "order": "by variance explained, largest first",
+        "method": cfg.method,
+        **method_meta,
         "backend": cfg.backend,
         "seed": cfg.seed,
         "heldout_fraction": cfg.heldout_fraction,
@@ -321,3 +361,71 @@ def build_templates(
         "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     return Templates(meta, components)
+
+
+def _canica_components(mat: ActivationMatrix, cfg: BuildConfig, *, device, timings: dict
+                       ) -> tuple[list[Component], dict]:
+    """Spatial ICA (:func:`nn_ica.decompose.spatial_ica`) per layer or on all layers
+    concatenated, on each of ``cfg.subsets`` text subsets, thresholded at ``|z| > z_threshold``.
+
+    The kept rows of ``X`` are in text order, so ``subsets`` contiguous row ranges are
+    (nearly) disjoint groups of texts. Each subset is standardised per neuron on its own
+    rows. With several subsets, the maps of subset s are paired with those of subset 0 by
+    |correlation| (Hungarian) and component j is the union of its paired maps' selections.
+    Per layer, component ``b * k + j`` is map j of the b-th layer (``extra``: layer, map).
+    """
+    t0 = time.perf_counter()
+    k, width = cfg.components, mat.width
+    if cfg.layout == "per-layer":
+        blocks = [(slice(b * width, (b + 1) * width), [layer]) for b, layer in enumerate(mat.layers)]
+    else:
+        blocks = [(slice(0, len(mat.layers) * width), list(mat.layers))]
+    bounds = np.linspace(0, mat.n_tokens, int(cfg.subsets) + 1).astype(int)
+    components: list[Component] = []
+    runs = []
+    dead_total = 0
+    for b, (cols, _layers) in enumerate(blocks):
+        ref = None
+        picked: list[np.ndarray] = []
+        variance = None
+        for s in range(int(cfg.subsets)):
+            view = mat.x[bounds[s]:bounds[s + 1], cols]
+            stats = standardise_(view)
+            if s == 0:
+                dead_total += stats.n_zero_variance
+            res = spatial_ica(view, n_components=k, pca_components=cfg.pca_components, backend=cfg.backend,
+                              seed=cfg.seed, max_iter=cfg.max_iter, tol=cfg.tol, device=device,
+                              dead=stats.zero_variance)
+            runs.append({"block": b, "subset": s, "n_iter": res.n_iter, "converged": res.converged})
+            sel = select_z(res.z, cfg.z_threshold)
+            if ref is None:
+                ref, picked, variance = res.z, sel, res.variance
+            else:
+                pair, _ = match_columns(ref.astype(np.float64), res.z.astype(np.float64))
+                picked = [np.union1d(picked[j], sel[pair[j]]) for j in range(k)]
+        for j in range(k):
+            neurons: dict[int, list[int]] = {}
+            for col in (np.asarray(picked[j]) + cols.start).tolist():
+                layer, channel = mat.column(col)
+                neurons.setdefault(layer, []).append(channel)
+            extra = {"layer": _layers[0], "map": j} if cfg.layout == "per-layer" else {"map": j}
+            components.append(Component(
+                len(components), {la: np.asarray(v, dtype=np.int64) for la, v in neurons.items()},
+                variance=float(variance[j]), threshold=float(cfg.z_threshold), extra=extra))
+    timings["ica_s"] = time.perf_counter() - t0
+    meta = {
+        "matrix": {"shape": list(mat.x.shape), "bytes": mat.nbytes, "dtype": "float32",
+                   "zero_variance_columns": dead_total},
+        "pca": {"components": cfg.pca_components, "solver": "randomized", "over": "tokens"},
+        "ica": {"kind": "spatial (neurons as samples)", "algorithm": "parallel", "fun": "logcosh",
+                "n_components": k, "layout": cfg.layout, "subsets": int(cfg.subsets),
+                "max_iter": cfg.max_iter, "tol": cfg.tol, "n_runs": len(runs),
+                "n_iter": max(r["n_iter"] for r in runs),
+                "converged": all(r["converged"] for r in runs),
+                "not_converged_runs": sum(not r["converged"] for r in runs)},
+        "z_threshold": cfg.z_threshold,
+        "sign_rule": "positive skewness of each z-scored map (tie: largest |z| positive); selection uses |z|",
+        "order": ("per layer, then by variance explained within the layer" if cfg.layout == "per-layer"
+                  else "by variance explained, largest first"),
+    }
+    return components, meta

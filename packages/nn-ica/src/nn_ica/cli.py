@@ -81,11 +81,20 @@ def _load(args, spec: str | None, *, what: str):
     return load_model(spec, device=args.device, dtype=args.dtype, seed=args.seed)
 
 
-def _write_outputs(out: Path, args, model, spec: str, phases: dict, extra: dict) -> None:
+def _tool(args) -> str:
+    return getattr(args, "_tool", None) or f"nn-ica {args.command}"
+
+
+def _write_outputs(out: Path, args, model, spec: str, phases: dict, extra: dict, files) -> None:
+    """``files(folder)`` writes the results; they and ``manifest.json`` land in ``out``
+    together (one rename), so no result is ever seen without its provenance."""
+    from nn_core.io import atomic_dir
     from nn_core.run.manifest import write_manifest
 
-    write_manifest(out, config=args_config(args), model=model, model_spec=spec, seeds=args.seed,
-                   phases=phases, extra=extra)
+    with atomic_dir(out, tool=_tool(args), overwrite=args.overwrite) as tmp:
+        files(tmp)
+        write_manifest(tmp, config=args_config(args), model=model, model_spec=spec, seeds=args.seed,
+                       phases=phases, extra=extra, tool=_tool(args))
 
 
 # --------------------------------------------------------------------------- commands
@@ -98,18 +107,23 @@ def _build(args) -> int:
         pca_components=args.pca_components, components=args.components,
         percentile=args.percentile, backend=args.backend, seed=args.seed,
         max_iter=args.max_iter, tol=args.tol, heldout_fraction=args.heldout_fraction,
+        method=args.method, z_threshold=args.z_threshold, layout=args.layout, subsets=args.subsets,
     ).check()
+    from nn_core.io import check_output_dir
+
+    out = check_output_dir(args.out or f"ica-{Path(args.model_spec).name}", tool=_tool(args),
+                           overwrite=args.overwrite)  # before minutes of work, not after
     t0 = time.perf_counter()
     model, tok = _load(args, args.model_spec, what="nn-ica build")
     load_s = time.perf_counter() - t0
     templates = build_templates(model, tok, args.data, cfg, progress=None)
-    out = Path(args.out or f"ica-{Path(args.model_spec).name}")
-    path = templates.save(out / "templates.json")
+    path = out / "templates.json"
     phases = {"load_model": load_s, **{k.removesuffix("_s"): v for k, v in templates.metadata["timings"].items()
                                         if k != "total_s"}}
     _write_outputs(out, args, model, args.model_spec, phases,
                    {"templates": str(path), "matrix": templates.metadata["matrix"],
-                    "ica": templates.metadata["ica"]})
+                    "ica": templates.metadata["ica"]},
+                   lambda tmp: templates.save(tmp / "templates.json"))
     print(templates.summary())
     if not templates.metadata["ica"]["converged"]:
         print(f"warning: FastICA did not converge in {cfg.max_iter} iterations; raise --max-iter "
@@ -154,7 +168,10 @@ def _eval(args) -> int:
 
     check_seed(args.seed)
     templates = Templates.load(args.templates)
-    ids = parse_ids(args.components, templates)
+    ranking = args.components.strip().lower() == "all"
+    ids = templates.ids if ranking else parse_ids(args.components, templates)
+    if args.preserve_fraction is not None and not 0 < args.preserve_fraction < 1:
+        raise NNError(f"--preserve-fraction must be in (0, 1), got {args.preserve_fraction}")
     data = eval_datasets(templates, args.data)
     built_frac = templates.metadata.get("heldout_fraction")
     if args.heldout_fraction is None and built_frac is not None and float(built_frac) == 0:
@@ -167,6 +184,16 @@ def _eval(args) -> int:
     frac = templates.metadata.get("heldout_fraction", 0.1) if args.heldout_fraction is None else args.heldout_fraction
     texts = heldout_texts(data, heldout_fraction=frac, limit=args.samples, seed=args.seed)
     t1 = time.perf_counter()
+    if ranking or args.preserve_fraction is not None:
+        report = _rank_and_preserve(args, model, tok, templates, ids, texts)
+        report["data"] = {"datasets": list(data), "heldout_fraction": frac, "n_texts": len(texts)}
+        if args.out:
+            out = Path(args.out)
+            _write_outputs(out, args, model, spec, {"load_model": load_s, "eval": time.perf_counter() - t1},
+                           {"templates": str(args.templates), "components": ids, "ranking": True},
+                           lambda tmp: atomic_write_json(tmp / "eval.json", report))
+            print(f"wrote {out / 'eval.json'}")
+        return 0
     report = evaluate_components(
         model, tok, templates, ids, texts, mode=args.mode, n_random=args.random, seed=args.seed,
         max_length=args.max_length, batch_size=args.batch_size, check_id=not args.ignore_model_id,
@@ -184,19 +211,68 @@ def _eval(args) -> int:
               f"{r['mean']:+.4f}{std}; excess {report['excess']:+.4f}")
     if args.out:
         out = Path(args.out)
-        atomic_write_json(out / "eval.json", report)
         _write_outputs(out, args, model, spec, {"load_model": load_s, "eval": eval_s},
-                       {"templates": str(args.templates), "components": ids, "mode": args.mode})
+                       {"templates": str(args.templates), "components": ids, "mode": args.mode},
+                       lambda tmp: atomic_write_json(tmp / "eval.json", report))
         print(f"wrote {out / 'eval.json'}")
     return 0
 
 
+def _rank_and_preserve(args, model, tok, templates, ids, texts) -> dict:
+    """``--components all``: rank every component by its lesion effect against size-matched
+    random lesions (one table), then lesion the union of the ranked components; with
+    ``--preserve-fraction F``, preserve the top-ranked union covering about F."""
+    from nn_ica.evaluate import evaluate_components, pick_fraction, rank_components
+
+    say = lambda m: print(f"[nn-ica eval] {m}", file=sys.stderr)  # noqa: E731
+    kw = dict(seed=args.seed, max_length=args.max_length, batch_size=args.batch_size,
+              check_id=not args.ignore_model_id, site=args.site, progress=say)
+    rank = rank_components(model, tok, templates, texts, components=ids, n_random=args.random, **kw)
+    base = rank["baseline"]["ppl"]
+    print(f"components ranked by lesion ΔPPL vs {args.random} size-matched random lesions "
+          f"(baseline PPL {base:.4f}; {rank['n_channels']} channels)")
+    print(f"{'rank':>4} {'id':>5} {'size':>6} {'frac%':>6} {'ΔPPL':>9} {'random mean ± sd':>20} {'z':>7} {'ratio':>7}")
+    for i, r in enumerate(rank["rows"]):
+        rnd = "-" if r["random_mean"] is None else (
+            f"{r['random_mean']:+.3f}" + ("" if r["random_std"] is None else f" ± {r['random_std']:.3f}"))
+        z = "-" if r["z"] is None else f"{r['z']:.2f}"
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        print(f"{i:>4} {r['id']:>5} {r['size']:>6} {100 * r['fraction']:>6.2f} {r['delta_ppl']:>+9.3f} "
+              f"{rnd:>20} {z:>7} {ratio:>7}")
+    order = [r["id"] for r in rank["rows"] if r["size"] > 0]
+    report: dict = {"ranking": rank}
+
+    def summary(name: str, picked: list[int], mode: str) -> dict:
+        rep = evaluate_components(model, tok, templates, picked, texts, mode=mode, n_random=args.random, **kw)
+        rnd = rep["random"]
+        std = "" if rnd["std"] is None else f" ± {rnd['std']:.3f}"
+        print(f"{name}: {mode} {len(picked)} components, {rep['n_neurons']} channels "
+              f"({100 * rep['n_neurons'] / rank['n_channels']:.2f} %): ΔPPL {rep['delta_ppl']:+.3f}; "
+              f"random {rnd['mean']:+.3f}{std}" if rnd["mean"] is not None else
+              f"{name}: {mode} ΔPPL {rep['delta_ppl']:+.3f}")
+        return rep
+
+    if order:
+        report["lesion_all"] = summary("key networks (union of all)", order, "lesion")
+    if args.preserve_fraction is not None and order:
+        picked, covered = pick_fraction(templates, order, args.preserve_fraction, rank["n_channels"])
+        report["preserve"] = summary(f"preserve top-ranked ≈{100 * args.preserve_fraction:.0f} %", picked, "preserve")
+        report["preserve"]["covered_fraction"] = covered
+    return report
+
+
 def _train(args) -> int:
     from nn_core.data import load_instructions
+    from nn_core.io import check_output_dir
     from nn_core.train import SFTConfig
+    from nn_core.train.fingerprint import FINGERPRINT_FILE
     from nn_ica.templates import Templates
     from nn_ica.train import masked_finetune
 
+    # training resumes in its folder, so an unfinished run (fingerprint, no manifest yet)
+    # is ours too; with --overwrite training writes into --out as it is
+    check_output_dir(args.out or "ica-train", tool=_tool(args), overwrite=args.overwrite,
+                     markers=(FINGERPRINT_FILE,))
     templates = Templates.load(args.templates)
     ids = parse_ids(args.components, templates)
     spec = args.model or templates.metadata.get("model_id")
@@ -246,9 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--heldout-fraction", type=float, default=0.1,
                    help="documents of each dataset kept out for nn-ica eval")
     g = b.add_argument_group("decomposition")
-    g.add_argument("--pca-components", type=int, default=100)
-    g.add_argument("--components", type=int, default=20, help="ICA components k")
-    g.add_argument("--percentile", type=float, default=98.0, help="per-component |loading| threshold")
+    g.add_argument("--pca-components", type=int, default=50)
+    g.add_argument("--components", type=int, default=10,
+                   help="ICA components k (canica --layout per-layer: maps per layer)")
+    g.add_argument("--method", choices=("fnsft", "canica"), default="canica",
+                   help="canica: spatial ICA (neurons as samples), |z| > --z-threshold (Liu et al.); "
+                        "fnsft: temporal ICA of all layers, top (100 - --percentile) %% per component")
+    g.add_argument("--layout", choices=("per-layer", "concat"), default="per-layer",
+                   help="canica: one ICA per layer (--components maps each) or all layers concatenated")
+    g.add_argument("--z-threshold", type=float, default=3.6,
+                   help="canica: keep neurons with |z| above this in a z-scored map")
+    g.add_argument("--subsets", type=int, default=1,
+                   help="canica: split the tokens into this many text subsets and union matched maps")
+    g.add_argument("--percentile", type=float, default=98.0, help="fnsft: per-component |loading| threshold")
     g.add_argument("--backend", choices=("torch", "sklearn"), default="torch")
     g.add_argument("--max-iter", type=int, default=1000)
     g.add_argument("--tol", type=float, default=1e-4)
@@ -266,10 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=_match)
 
-    def masked_args(p):
+    def masked_args(p, *, ranking: bool = False):
         p.add_argument("--templates", required=True, metavar="FILE")
-        p.add_argument("--components", required=True, metavar="IDS",
-                       help="component ids: 0 or 0,2,5 or 0-3 or largest")
+        if ranking:
+            p.add_argument("--components", default="all", metavar="IDS",
+                           help="all: rank every component by lesion effect vs random (one table), then "
+                                "lesion their union; or ids 0 or 0,2,5 or 0-3 or largest (their union)")
+        else:
+            p.add_argument("--components", required=True, metavar="IDS",
+                           help="component ids: 0 or 0,2,5 or 0-3 or largest (all: every component)")
         p.add_argument("--mode", choices=("lesion", "preserve"), default="lesion",
                        help="lesion: zero the components' channels; preserve: keep only them "
                             "(every layer of the site masked)")
@@ -280,7 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="ΔPPL of lesioning/preserving components vs random controls",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    masked_args(e)
+    masked_args(e, ranking=True)
+    e.add_argument("--preserve-fraction", type=float, default=None, metavar="F",
+                   help="rank the components, then preserve the top-ranked union covering about F "
+                        "of the channels (vs random sets of the same per-layer sizes)")
     e.add_argument("--data", nargs="+", default=None,
                    help="text datasets (their held-out split); default: those the templates were built on")
     e.add_argument("--heldout-fraction", type=float, default=None,

@@ -352,3 +352,70 @@ def match_columns(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     out = np.full(a.shape[1], -1)
     out[rows] = cols
     return out, corr[rows, cols]
+
+
+# --------------------------------------------------------------------------- spatial ICA
+@dataclass
+class SpatialMaps:
+    """Result of :func:`spatial_ica`: ``z`` (p, k) z-scored spatial maps (neurons x
+    components), ``variance`` (k,) the fraction of the block's variance each map explains,
+    and the FastICA convergence record."""
+
+    z: np.ndarray
+    variance: np.ndarray
+    n_iter: int
+    converged: bool
+    timings: dict = field(default_factory=dict)
+
+
+def spatial_ica(
+    x: torch.Tensor,
+    *,
+    n_components: int,
+    pca_components: int,
+    backend: str = "torch",
+    seed: int = 0,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    device: str | torch.device | None = None,
+    dead: np.ndarray | None = None,
+) -> SpatialMaps:
+    """Spatial ICA (neurons as samples, as CanICA does) of a matrix ``x`` (n_tokens, p)
+    whose columns are already standardised per neuron (:func:`standardise_`).
+
+    1. Centre every token (row) across the p neurons: ``x_t <- x_t - mean_i x_ti`` (in place).
+    2. Run :func:`decompose` on ``xᵀ`` (p, n): PCA reduces the token dimension to
+       ``pca_components``, FastICA finds ``n_components`` sources that are independent
+       *across neurons*. Those sources (p, k) are the spatial maps; what
+       :func:`decompose` calls maps (n, k) are here the components' token time courses.
+    3. Z-score each spatial map over the neurons, ``z_ij = (s_ij - mean_j) / std_j``, and
+       orient it by the sign rule of the module docs (positive skewness of ``z_j``).
+       Neurons flagged in ``dead`` (zero-variance columns) get ``z = 0``: never selected.
+
+    Maps are ordered by the variance they explain, largest first (as :func:`decompose`).
+    """
+    if x.ndim != 2:
+        raise NNError(f"expected a (tokens, neurons) matrix, got shape {tuple(x.shape)}")
+    x -= x.mean(1, keepdim=True)
+    dec = decompose(x.T, n_components=n_components, pca_components=pca_components, backend=backend,
+                    seed=seed, max_iter=max_iter, tol=tol, device=device)
+    s = dec.sources.astype(np.float64)
+    std = s.std(0)
+    std[std == 0] = 1.0
+    z = (s - s.mean(0)) / std
+    if dead is not None:
+        z[np.asarray(dead, dtype=bool)] = 0.0
+    third = (z ** 3).sum(0)
+    largest = z[np.abs(z).argmax(0), np.arange(z.shape[1])]
+    signs = np.where(third != 0, np.sign(third), np.sign(largest))
+    signs[signs == 0] = 1.0
+    return SpatialMaps((z * signs).astype(np.float32), dec.components_variance, dec.n_iter,
+                       dec.converged, dec.timings)
+
+
+def select_z(z: np.ndarray, threshold: float = 3.6) -> list[np.ndarray]:
+    """Per z-scored map j, the rows i with ``|z_ij| > threshold`` (both tails: ICA's sign
+    is arbitrary and a network may be anti-correlated with the component)."""
+    if not threshold > 0:
+        raise NNError(f"--z-threshold must be positive, got {threshold}")
+    return [np.flatnonzero(np.abs(z[:, j]) > threshold) for j in range(z.shape[1])]
