@@ -152,3 +152,25 @@ def test_ppl_default_max_length_is_clamped_to_the_position_table(tmp_path, capsy
                  "--out", str(out)]) == 0  # default --max-length 1024 > 512 positions
     assert read(out / "ppl.json")["max_length"] == 512
     assert "used 512" in capsys.readouterr().err
+
+
+def test_ppl_first_token_convention_is_recorded(tmp_path, corpus, tiny, capsys):
+    from nn_core.data import load_texts
+
+    model, tok = tiny("llama")
+    texts = load_texts(str(corpus))
+    results = {}
+    for mode in ("skip", "prefix"):
+        out = tmp_path / mode
+        assert main(["ppl", *TINY, "--data", str(corpus), "--convention", mode, "--out", str(out)]) == 0
+        results[mode] = read(out / "ppl.json")
+        ref = evaluate_lm(model, tok, texts, first_token=mode)
+        assert results[mode]["first_token"] == mode
+        assert results[mode]["nll"] == pytest.approx(ref["nll"], abs=1e-6)
+        assert results[mode]["bits_per_byte"] == pytest.approx(ref["bits_per_byte"], rel=1e-6)
+        assert read(out / "manifest.json")["config"]["convention"] == mode
+    printed = capsys.readouterr().out
+    assert "first token: skipped" in printed and "lm-eval convention" in printed
+    assert "bits_per_byte" in printed
+    assert results["prefix"]["prefix_token_id"] == tok.eos_token_id
+    assert results["prefix"]["n_tokens"] == results["skip"]["n_tokens"] + len(texts)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 
 import pytest
@@ -20,7 +22,7 @@ PAIRS = [
     ("Question: what grows on trees?\nAnswer:", " apple pie"),
     ("Question: what grows on trees?\nAnswer:", " stone"),
     ("The sky is ", "blue"),   # trailing space moves into the continuation
-    ("", " hello"),            # empty context: EOS prefix
+    ("", " hello"),            # empty context: prefix (EOS: the tiny tokenizer has no BOS)
 ]
 
 
@@ -177,3 +179,70 @@ def test_a_string_answer_that_is_both_an_index_and_a_choice_is_refused():
     assert mc_items([{"question": "q", "choices": ["x", "y"], "answer": "1"}])[0].gold == 1
     # both readings agree: "0" is index 0 and the text of choice 0
     assert mc_items([{"question": "q", "choices": ["0", "5"], "answer": "0"}])[0].gold == 0
+
+
+def _prefixed_ll(model, prefix, cont):
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=torch.tensor([[prefix, *cont]])).logits[0].double(), -1)
+    return sum(float(lp[t, c]) for t, c in enumerate(cont))
+
+
+class _NoSpecialTokens:
+    """A tokenizer that has neither BOS nor EOS."""
+
+    bos_token_id = eos_token_id = bos_token = eos_token = pad_token_id = None
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __call__(self, *args, **kwargs):
+        return self._tok(*args, **kwargs)
+
+
+def test_empty_context_is_bos_where_the_tokenizer_has_one_else_eos(tiny):
+    model, tok = tiny("llama")
+    with_bos = copy.deepcopy(tok)
+    with_bos.bos_token = with_bos.pad_token
+    bos, eos = with_bos.bos_token_id, tok.eos_token_id
+    assert tok.bos_token_id is None and bos is not None and bos != eos
+    ctx, cont = _encode_pair(with_bos, "", " hello")
+    assert ctx == [bos] and tok.decode(cont) == " hello"
+    assert _encode_pair(tok, "", " hello")[0] == [eos]
+    (ll_bos, _), = loglikelihoods(model, with_bos, [("", " hello")])
+    (ll_eos, _), = loglikelihoods(model, tok, [("", " hello")])
+    assert ll_bos == pytest.approx(_prefixed_ll(model, bos, cont), abs=1e-4)
+    assert ll_eos == pytest.approx(_prefixed_ll(model, eos, cont), abs=1e-4)
+    assert abs(ll_bos - ll_eos) > 1e-3
+    # a non-empty context gets no prefix
+    assert _encode_pair(with_bos, "Hi", " there")[0] == tok("Hi")["input_ids"]
+    with pytest.raises(NNError, match="BOS or EOS"):
+        _encode_pair(_NoSpecialTokens(tok), "", " hello")
+
+
+def test_acc_norm_divides_by_characters_of_the_choice_end_to_end(tiny):
+    # lm-eval: acc_norm = [argmax_i ll_i / len(choice_i) == gold], len in characters of the
+    # choice text (not its bytes or tokens, not counting the " " delimiter). Find two
+    # choices where acc and acc_norm disagree and characters and bytes disagree too.
+    model, tok = tiny("llama")
+    pool = ["a", "no", "yes", "stone", "river bank", "naïve café", "über", "é", "ééé", "zz", "ça"]
+    context = "Question: which one?\nAnswer:"
+    lls = dict(zip(pool, (ll for ll, _ in loglikelihoods(model, tok, [(context, " " + c) for c in pool])),
+                   strict=True))
+
+    def best(pair, norm):
+        return max(range(2), key=lambda k: lls[pair[k]] / norm(pair[k]))
+
+    pair = next((p for p in itertools.combinations(pool, 2)
+                 if best(p, lambda c: 1) != best(p, len) != best(p, lambda c: len(c.encode()))), None)
+    assert pair is not None, "no pair separates acc, acc_norm by characters and by bytes"
+    by_ll, by_chars = best(pair, lambda c: 1), best(pair, len)
+    items = mc_items([{"question": "which one?", "choices": list(pair), "answer": by_chars}])
+    res = score_multiple_choice(model, tok, items)
+    item = res["items"][0]
+    assert item["lls"] == pytest.approx([lls[c] for c in pair], abs=1e-5)
+    assert (item["pred"], item["pred_norm"]) == (by_ll, by_chars)
+    assert (res["acc"], res["acc_norm"]) == (0.0, 1.0)
+    # and the other way round when the gold is the raw-likelihood winner
+    items = mc_items([{"question": "which one?", "choices": list(pair), "answer": by_ll}])
+    res = score_multiple_choice(model, tok, items)
+    assert (res["acc"], res["acc_norm"]) == (1.0, 0.0)

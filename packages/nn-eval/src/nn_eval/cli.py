@@ -17,6 +17,7 @@ PROG = "nn-eval"
 
 EPILOG = """examples:
   nn-eval ppl --model smollm2-135m --data pydoc --limit 20 --max-length 512 --out runs/ppl
+  nn-eval ppl --model smollm2-135m --data pydoc --convention prefix --out runs/ppl-lm-eval
   nn-eval ppl --model smollm2-135m --data pydoc --neurons sel.json --mode lesion --out runs/lesion
   nn-eval mc --model smollm2-135m --data mmlu_sample.csv --out runs/mc
   nn-eval gen --model smollm2-135m --data task:add --limit 50 --out runs/add
@@ -122,7 +123,7 @@ def cmd_ppl(args) -> int:
     with timer("evaluate"):
         res = evaluate_lm(model, tok, texts, max_length=args.max_length, stride=args.stride,
                           batch_size=args.batch_size, intervention=intervention,
-                          progress=_progress("ppl"))
+                          progress=_progress("ppl"), first_token=args.convention)
     _note_clamp(args, res["max_length"])
     out = _out_dir(args)
     result = {"model": args.model, "data": args.data, "n_texts": len(texts), **res}
@@ -131,13 +132,23 @@ def cmd_ppl(args) -> int:
     _finish(out, "ppl.json", result, args, model=model, timer=timer)
     if intervention is None:
         print(f"ppl {res['ppl']:.4f}  nll {res['nll']:.4f}  token_acc {res['token_acc']:.4f}  "
-              f"({res['n_tokens']} tokens, {res['n_sequences']} sequences, {res['n_skipped']} skipped)")
+              f"({res['n_tokens']} tokens, {res['n_sequences']} sequences, {res['n_skipped']} skipped; "
+              f"first token: {_first_token_note(res)})")
+        if res.get("word_perplexity") is not None:
+            print(f"word_perplexity {res['word_perplexity']:.4f}  byte_perplexity "
+                  f"{res['byte_perplexity']:.4f}  bits_per_byte {res['bits_per_byte']:.4f}")
     else:
         b, i, d = res["baseline"], res["intervened"], res["delta"]
         print(f"baseline ppl {b['ppl']:.4f} -> {args.mode or 'lesion'} ppl {i['ppl']:.4f} "
               f"(delta {d['ppl']:+.4f}; nll {d['nll']:+.4f}; token_acc {d['token_acc']:+.4f})")
     print(f"wrote {out / 'ppl.json'}")
     return 0
+
+
+def _first_token_note(res: dict) -> str:
+    if res["first_token"] == "prefix":
+        return f"scored after prefix token {res['prefix_token_id']} (lm-eval convention)"
+    return "skipped (unscored)"
 
 
 # --------------------------------------------------------------------------- mc
@@ -288,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=None,
                    help="new tokens scored per window after the first (default: max-length // 2)")
     p.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
+    # not --first-token: the run manifest redacts flags whose name has the word "token"
+    p.add_argument("--convention", choices=("skip", "prefix"), default="skip",
+                   help="first token of each text: skip = left unscored (default); prefix = "
+                        "scored after the tokenizer's BOS, else EOS, as lm-evaluation-harness "
+                        "does (recorded as first_token in ppl.json)")
     p.add_argument("--neurons", default=None, metavar="FILE", help="NeuronSet JSON to mask")
     p.add_argument("--mode", choices=("lesion", "preserve"), default=None,
                    help="mask mode for --neurons (default: lesion)")

@@ -1,4 +1,4 @@
-"""Language-model metrics: negative log-likelihood, perplexity and top-1 token accuracy.
+r"""Language-model metrics: negative log-likelihood, perplexity and top-1 token accuracy.
 
 For a sequence of tokens x_0 .. x_{n-1} a causal LM predicts x_t from x_{<t}, so the
 sequence contributes n-1 predicted tokens (fewer where labels are -100). Over all scored
@@ -13,11 +13,25 @@ tokens: the first window scores its tokens 1..max_length-1, each next window end
 ``stride`` tokens further and scores only those new tokens, with the rest of the window
 as context (the strided-perplexity scheme of the Hugging Face docs, with the last window
 also kept full length). Every token after the first is scored exactly once.
+
+The first token of a document: ``first_token="skip"`` (default) leaves x_0 unscored, as
+above; ``first_token="prefix"`` follows lm-evaluation-harness's rolling log-likelihood
+and prepends a prefix token p (the tokenizer's BOS if it has one, else its EOS), so x_0
+is scored as -log p(x_0 | p). A sequence that already starts with the tokenizer's BOS
+(its own encoding adds one) gets no second prefix: both conventions then agree.
+
+With texts, lm-eval's per-document normalisations are reported too. With LL = -sum of the
+scored NLLs, W = sum over scored documents of len(re.split(r"\s+", doc)) and B = sum of
+their UTF-8 byte counts:
+
+    word_perplexity = exp(-LL / W),  byte_perplexity = exp(-LL / B),
+    bits_per_byte   = -LL / (B * ln 2)
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +50,7 @@ from nn_eval._model import (
 )
 
 IGNORE = IGNORE_INDEX
+FIRST_TOKEN = ("skip", "prefix")
 
 
 class NonFiniteLogits(NNError):
@@ -62,6 +77,7 @@ def evaluate_lm(
     intervention=None,
     progress: Callable[[int, int], None] | None = None,
     allow_empty: bool = False,
+    first_token: str = "skip",
 ) -> dict:
     """NLL, perplexity and token accuracy of ``model`` on ``data`` (see module docs).
 
@@ -82,6 +98,14 @@ def evaluate_lm(
     -100) are skipped and counted in ``n_skipped``. When nothing at all is scorable this
     raises NNError, unless ``allow_empty`` is true: then ``ppl``, ``nll`` and ``token_acc``
     are None and ``n_tokens`` is 0 (a task with no evaluation tokens, reported as such).
+
+    ``first_token``: ``"skip"`` (x_0 of each sequence is context only) or ``"prefix"``
+    (lm-eval's convention: x_0 is scored after the tokenizer's BOS, else EOS; see the
+    module docs). The result records it as ``"first_token"`` with the
+    ``"prefix_token_id"`` used (None with ``"skip"``). When ``data`` are all texts the
+    result also has ``"word_perplexity"``, ``"byte_perplexity"``, ``"bits_per_byte"``,
+    ``"n_words"`` and ``"n_bytes"`` over the scored documents (lm-eval's definitions, in
+    the module docs); with token ids these are None.
     """
     if max_length < 2:
         raise NNError(f"max_length={max_length} is too small: use at least 2 tokens")
@@ -98,7 +122,16 @@ def evaluate_lm(
         )
     if batch_size < 1:
         raise NNError(f"batch_size={batch_size} must be at least 1")
+    if first_token not in FIRST_TOKEN:
+        raise NNError(f"first_token={first_token!r} is unknown: use 'skip' (first token of a "
+                      "document unscored) or 'prefix' (scored after BOS/EOS, as lm-eval does)")
     sequences = sequences_from_data(tokenizer, data)
+    prefix = None
+    if first_token == "prefix":
+        prefix = prefix_token_id(tokenizer)
+        sequences = [with_prefix(ids, labels, prefix, getattr(tokenizer, "bos_token_id", None))
+                     for ids, labels in sequences]
+    doc_sizes = text_sizes(data)
     _check_vocab(model, sequences)
     segments, skipped = make_segments(sequences, max_length, stride)
     if not segments and not allow_empty:
@@ -111,10 +144,13 @@ def evaluate_lm(
         if segments:
             out = _score(model, segments, pad_id_of(tokenizer), batch_size, progress)
         else:
-            out = {"ppl": None, "nll": None, "token_acc": None, "n_tokens": 0}
+            out = {"ppl": None, "nll": None, "token_acc": None, "n_tokens": 0, "nll_sum": 0.0}
         out["n_sequences"] = len(sequences) - skipped
         out["n_skipped"] = skipped
         out["max_length"] = max_length
+        out["first_token"] = first_token
+        out["prefix_token_id"] = prefix
+        out.update(_per_text_metrics(out.pop("nll_sum"), doc_sizes, {g.seq for g in segments}))
         return out
 
     if intervention is None:
@@ -122,7 +158,60 @@ def evaluate_lm(
     baseline, changed = run_with_intervention(model, intervention, run)
     delta = {k: None if baseline[k] is None else changed[k] - baseline[k]
              for k in ("ppl", "nll", "token_acc")}
-    return {"baseline": baseline, "intervened": changed, "delta": delta, "max_length": max_length}
+    return {"baseline": baseline, "intervened": changed, "delta": delta, "max_length": max_length,
+            "first_token": first_token}
+
+
+def prefix_token_id(tokenizer) -> int:
+    """lm-eval's prefix token for rolling log-likelihoods: BOS if the tokenizer has one,
+    else EOS; raises NNError when it has neither."""
+    for attr in ("bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None) if tokenizer is not None else None
+        if isinstance(value, int):
+            return value
+    raise NNError("first_token='prefix' needs the tokenizer's BOS or EOS token and it has "
+                  "neither (or no tokenizer was given): pass the tokenizer or use first_token='skip'")
+
+
+def with_prefix(ids: list[int], labels: list[int] | None, prefix: int,
+                bos: int | None) -> tuple[list[int], list[int] | None]:
+    """``ids`` with ``prefix`` prepended (its label -100), unless they already start with
+    ``bos`` (then the first real token is already scored after BOS)."""
+    if ids and bos is not None and ids[0] == bos:
+        return ids, labels
+    return [prefix, *ids], None if labels is None else [IGNORE, *labels]
+
+
+def text_sizes(data) -> list[tuple[int, int]] | None:
+    r"""``[(words, UTF-8 bytes)]`` per document when ``data`` are all texts, else None.
+
+    Words are counted as lm-eval does: ``len(re.split(r"\s+", doc))`` (so leading or
+    trailing whitespace adds an empty "word", and an empty text counts as 1 word)."""
+    if isinstance(data, torch.Tensor) or not isinstance(data, Sequence) or isinstance(data, str):
+        return None
+    if not data or not all(isinstance(x, str) for x in data):
+        return None
+    return [(len(re.split(r"\s+", doc)), len(doc.encode("utf-8"))) for doc in data]
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 709.0 else math.inf
+
+
+def _per_text_metrics(nll_sum: float, sizes, scored: set[int]) -> dict:
+    """Word/byte perplexity and bits per byte over the scored documents (module docs)."""
+    if sizes is None or not scored:
+        return {"word_perplexity": None, "byte_perplexity": None, "bits_per_byte": None,
+                "n_words": None if sizes is None else 0, "n_bytes": None if sizes is None else 0}
+    words = sum(sizes[i][0] for i in scored)
+    n_bytes = sum(sizes[i][1] for i in scored)
+    return {
+        "word_perplexity": _exp(nll_sum / words),
+        "byte_perplexity": _exp(nll_sum / n_bytes) if n_bytes else None,
+        "bits_per_byte": nll_sum / (n_bytes * math.log(2)) if n_bytes else None,
+        "n_words": words,
+        "n_bytes": n_bytes,
+    }
 
 
 # --------------------------------------------------------------------------- inputs
@@ -277,10 +366,11 @@ def _score(model, segments: list[_Segment], pad_id: int, batch_size: int, progre
                 progress(b + 1, len(batches))
     mean = total_nll / n_tokens
     return {
-        "ppl": math.exp(mean) if mean < 709.0 else math.inf,
+        "ppl": _exp(mean),
         "nll": mean,
         "token_acc": n_correct / n_tokens,
         "n_tokens": n_tokens,
+        "nll_sum": total_nll,
     }
 
 

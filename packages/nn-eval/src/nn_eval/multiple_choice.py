@@ -9,7 +9,8 @@ the continuation ``" " + s_i`` of c:
 
 Tokenization follows the harness: trailing whitespace of the context moves to the
 continuation, the pair is encoded whole and the continuation is what follows the
-context's own tokens; an empty context is replaced by the EOS token; inputs longer than
+context's own tokens; an empty context is replaced by the BOS token (EOS where the
+tokenizer has no BOS); inputs longer than
 ``max_length`` lose tokens on the left.
 
 Every choice of an item shares its context: when one choice's input (context plus all
@@ -212,10 +213,14 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
     if not cont:  # the pair merged across the boundary: encode the continuation alone
         cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
     if not ctx:
-        eos = getattr(tokenizer, "eos_token_id", None)
-        if eos is None:
-            raise NNError("an empty context needs the tokenizer's EOS token as a prefix, and it has none")
-        ctx = [eos]
+        # as lm-eval: an empty context becomes the prefix token, BOS where the tokenizer
+        # has one, else EOS
+        prefix = next((v for v in (getattr(tokenizer, "bos_token_id", None),
+                                   getattr(tokenizer, "eos_token_id", None)) if isinstance(v, int)), None)
+        if prefix is None:
+            raise NNError("an empty context needs the tokenizer's BOS or EOS token as a prefix, "
+                          "and it has neither: give every item a context")
+        ctx = [prefix]
     if not cont:
         raise NNError(f"continuation {continuation!r} encodes to no tokens")
     return ctx, cont
