@@ -103,15 +103,18 @@ def masked_finetune(
     """Fine-tune ``model`` with components ``components`` masked (see the module docs).
 
     ``config`` is an :class:`nn_core.train.SFTConfig`; with ``method="full"`` and no
-    ``trainable_modules`` only the down-projections train. Writes the adapter (or model),
-    ``mask.json`` (the NeuronSet, to re-apply the mask at inference) and ``manifest.json``
-    under ``config.output_dir``. Returns the :class:`nn_core.train.SFTResult`.
+    ``trainable_modules`` only the down-projections train. Writes ``adapter/`` (or
+    ``model/``) holding the weights, ``mask.json`` (the NeuronSet, to re-apply the mask at
+    inference), ``train_log.json`` and ``manifest.json``, renamed into place as one unit
+    (:func:`nn_core.train.train`), and copies of those three files in
+    ``config.output_dir``. Returns the :class:`nn_core.train.SFTResult`.
 
     ``site``, when given, must be the templates' site. A run fingerprint (templates
     content, component ids, mode, freeze flag, SFT settings, training data) is written to
     the output folder; resuming a checkpoint left there by a different run raises
-    :class:`NNError`. ``mask.json`` is written only after the adapter (or model) is saved,
-    so a folder never pairs an adapter with another run's mask.
+    :class:`NNError`. ``mask.json`` is written in the same temporary folder as the adapter
+    (or model) and its manifest, so a folder never pairs an adapter with another run's
+    mask or holds one without its mask and manifest.
     """
     from pathlib import Path
 
@@ -157,7 +160,10 @@ def masked_finetune(
     handle = mask_neurons(base, ns, mode)  # after wrapping: on the LoRA layer, see module docs
     handle.attach()
     try:
-        result = train(trainer, config, resume=resume, model_spec=model_spec, fingerprint=fingerprint, manifest_extra={
+        # mask.json goes into the adapter's temporary folder: adapter, mask and manifest
+        # arrive together in one rename (then are copied to ``out``), never one without the other
+        result = train(trainer, config, resume=resume, model_spec=model_spec, fingerprint=fingerprint,
+                       extra_files=lambda folder: ns.save(folder / "mask.json"), manifest_extra={
             "ica": {"components": ids, "mode": mode, "site": templates.site, "n_neurons": len(ns),
                     "freeze_masked": freeze_masked,
                     "templates": {k: templates.metadata.get(k) for k in ("model_id", "backend", "seed",
@@ -165,7 +171,6 @@ def masked_finetune(
         })
     finally:
         handle.remove()
-    ns.save(out / "mask.json")  # atomic, and only now: it belongs to the adapter just saved
     return result
 
 
