@@ -134,3 +134,16 @@ def test_nn_mode_of_another_tool_does_not_reach_nn_sensitivity(tmp_path, monkeyp
     monkeypatch.setenv("NN_SENSITIVITY_MODE", "per-layer")
     assert main(["run", *TINY, "--out", str(tmp_path / "o")]) == 0
     assert seen[-1].mode == "per-layer"
+
+
+def test_per_batch_and_random_draws_flags(tmp_path, monkeypatch):
+    import nn_sensitivity.runner as runner
+
+    seen = []
+    monkeypatch.setattr(runner, "run_study", lambda cfg, **kw: seen.append(cfg))
+    assert main(["run", *TINY, "--metric", "grad_squared", "--out", str(tmp_path / "a")]) == 0
+    assert seen[-1].per_sample is True and seen[-1].random_draws == 5
+    assert main(["run", *TINY, "--metric", "grad_squared", "--per-batch", "--random-draws", "2",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert seen[-1].per_sample is False and seen[-1].random_draws == 2
+    assert seen[-1].metric_options() == {"per_sample": False}

@@ -93,6 +93,55 @@ def test_random_k_is_same_size_seeded_and_uniform():
     assert len(a.prefix(10)) == 10 and _keys(a.prefix(10)) <= _keys(a)
 
 
+def _chi2_critical(df: int, z: float = 3.09) -> float:
+    """Upper 0.1 % point of chi-square(df) (Wilson-Hilferty approximation)."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def _chi2_uniform(counts: np.ndarray, draws: int, k: int) -> float:
+    """Pearson's statistic of per-index selection counts against uniform k-of-n draws,
+    scaled by 1/(1 - k/n) (without replacement each count has variance D p (1 - p))."""
+    n = counts.size
+    expected = draws * k / n
+    return float(((counts - expected) ** 2 / expected).sum() / (1 - k / n))
+
+
+def test_random_k_selects_every_index_equally_often():
+    # tensors of uneven sizes, including a single weight and a single row
+    s = _synthetic([(7, 9), (1, 1), (5, 4), (1, 13)])
+    n = 63 + 1 + 20 + 13
+    draws, k = 3000, 12
+    counts = np.zeros(n)
+    first = np.zeros(n)
+    offsets = np.cumsum([0] + [p.numel for p in s.params])[:-1]
+    for seed in range(draws):
+        r = random_k(s, k, seed=seed)
+        flat = offsets[r.pos] + r.flat
+        assert np.unique(flat).size == k  # without replacement
+        counts += np.bincount(flat, minlength=n)
+        first += np.bincount(flat[:3], minlength=n)  # the K=3 prefix
+    crit = _chi2_critical(n - 1)
+    assert _chi2_uniform(counts, draws, k) < crit
+    assert _chi2_uniform(first, draws, 3) < crit
+    # the test has power: a draw that never picks one index is rejected
+    biased = counts.copy()
+    biased[5] = 0
+    assert _chi2_uniform(biased, draws, k) > crit
+    # per-layer mode: uniform inside each block
+    pl = _synthetic([(4, 5), (2, 3), (3, 3)], layers=[0, 0, 1])
+    c0 = np.zeros(26)
+    c1 = np.zeros(9)
+    for seed in range(1500):
+        r = random_k(pl, 4, "per-layer", seed=seed)
+        for p, f in zip(r.pos, r.flat, strict=True):
+            if p == 2:
+                c1[f] += 1
+            else:
+                c0[(0 if p == 0 else 20) + f] += 1
+    assert _chi2_uniform(c0, 1500, 4) < _chi2_critical(25)
+    assert _chi2_uniform(c1, 1500, 4) < _chi2_critical(8)
+
+
 def test_random_k_per_layer_draws_within_each_block():
     s = _synthetic([(10, 10), (10, 4), (20, 5), (3, 3)], layers=[0, 0, 1, 1])
     r = random_k(s, 7, "per-layer", seed=0)

@@ -109,3 +109,46 @@ def test_reused_output_folder_is_replaced_whole_and_kept_on_failure(monkeypatch,
         run_study(study([9]), model=model, tokenizer=tok, progress=False, echo=None)
     assert _tree(out) == second  # the earlier complete results, byte for byte
     assert [p.name for p in tmp_path.iterdir()] == ["shared"]  # no temporary folder left
+
+
+def test_random_k_is_drawn_several_times_and_reported_with_its_spread(tmp_path):
+    import numpy as np
+
+    from nn_core.select.weightset import WeightSet
+
+    model, tok = load_model("tiny-llama", device="cpu", dtype="float32")
+    out = tmp_path / "draws"
+    summary = run_study(StudyConfig(**SMALL, topk=[3, 40], metric="magnitude",
+                                    controls=["random_k"], random_draws=3, stability=False,
+                                    out=str(out)),
+                        model=model, tokenizer=tok, progress=False, echo=None)
+    res = json.loads((out / "perturbation_results.json").read_text())
+    assert res["random_draws"] == 3
+    rnd = [r for r in res["results"] if r["selection"] == "random_k"]
+    assert [r["k"] for r in rnd] == [3, 40]
+    for r in rnd:
+        assert r["n_draws"] == 3 and [d["seed"] for d in r["draws"]] == [0, 1, 2]
+        ppl = np.array([d["delta"]["ppl"] for d in r["draws"]])
+        sp = r["spread"]["delta"]["ppl"]
+        assert sp["mean"] == pytest.approx(ppl.mean()) == pytest.approx(r["delta"]["ppl"])
+        assert sp["sd"] == pytest.approx(ppl.std(ddof=1))
+        assert sp["min"] == pytest.approx(ppl.min()) and sp["max"] == pytest.approx(ppl.max())
+        assert r["ppl"] == pytest.approx(np.mean([d["ppl"] for d in r["draws"]]))
+    # the draws are different selections of the same size, all saved
+    sets = [WeightSet.load(out / "rankings" / name) for name in
+            ("random_k_k40.safetensors", "random_k_k40_draw1.safetensors",
+             "random_k_k40_draw2.safetensors")]
+    keys = [{(n, int(i)) for n in s.names() for i in s.indices(n)} for s in sets]
+    assert all(len(k) == 40 for k in keys) and keys[0] != keys[1] != keys[2]
+    # different weights perturbed give different damage: the spread is real
+    assert rnd[1]["spread"]["delta"]["ppl"]["sd"] > 0
+    assert "mean of 3 draws" in runner.format_summary(summary)
+    top = [r for r in res["results"] if r["selection"] == "top_k"]
+    assert all("draws" not in r for r in top)
+
+
+def test_study_defaults_per_sample_fisher_and_five_random_draws():
+    cfg = StudyConfig(metric="grad_squared").check()
+    assert cfg.metric_options() == {"per_sample": True} and cfg.random_draws == 5
+    with pytest.raises(NNError, match="--random-draws must be at least 1"):
+        StudyConfig(random_draws=0).check()

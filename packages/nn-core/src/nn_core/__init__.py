@@ -26,6 +26,7 @@ _EXPORTS = {
     "model.adapters": ["ModelAdapter", "get_adapter", "model_id", "model_signature"],
     "model.loading": ["load_model"],
     "model.sites": ["SITES", "SiteRef"],
+    "numerics.gradients": ["GradStats", "abs_grad_sum", "hutchinson_diagonal", "mean_gradient", "per_sample_gradients", "squared_grad_mean"],
     "numerics.integrated_gradients": ["integrated_gradients", "target_positions"],
     "numerics.loss": ["causal_labels", "per_row_nll", "summed_nll", "token_scores"],
     "numerics.sparse_logits": ["SparseLogits", "sparse_kl", "top_k"],
@@ -96,6 +97,14 @@ if TYPE_CHECKING:  # static analysers see the real names
     from nn_core.model.adapters import ModelAdapter, get_adapter, model_id, model_signature  # noqa: F401
     from nn_core.model.loading import load_model  # noqa: F401
     from nn_core.model.sites import SITES, SiteRef  # noqa: F401
+    from nn_core.numerics.gradients import (  # noqa: F401
+        GradStats,
+        abs_grad_sum,
+        hutchinson_diagonal,
+        mean_gradient,
+        per_sample_gradients,
+        squared_grad_mean,
+    )
     from nn_core.numerics.integrated_gradients import integrated_gradients, target_positions  # noqa: F401
     from nn_core.numerics.loss import causal_labels, per_row_nll, summed_nll, token_scores  # noqa: F401
     from nn_core.numerics.sparse_logits import SparseLogits, sparse_kl, top_k  # noqa: F401

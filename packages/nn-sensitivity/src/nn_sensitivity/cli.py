@@ -51,8 +51,8 @@ def _add_run(sub) -> None:
                    help="text: pydoc, a .txt/.json/.jsonl/.csv/.parquet file or folder, or a hub "
                         "dataset (default: %(default)s)")
     g.add_argument("--metric", default="grad_x_weight", metavar="NAME",
-                   help="grad_x_weight, grad_squared, hutchinson_diag, magnitude, act_mag or "
-                        "wanda (default: %(default)s)")
+                   help="grad_x_weight, grad_squared, snip, hutchinson_diag, magnitude, act_mag "
+                        "or wanda (default: %(default)s)")
     g.add_argument("--topk", type=_int_list, nargs="+", default=[[10, 100, 1000]], metavar="LIST",
                    help="K sweep, comma-separated (default: 10,100,1000)")
     g.add_argument("--mode", default="global", metavar="MODE",
@@ -64,6 +64,9 @@ def _add_run(sub) -> None:
     g.add_argument("--seeds", type=_int_list, nargs="+", default=[[0, 1, 2]], metavar="LIST",
                    help="calibration seeds: the first drives the study, all of them the "
                         "stability check (default: 0,1,2)")
+    g.add_argument("--random-draws", type=int, default=5, metavar="N",
+                   help="random_k control: draws per K (seeds S, S+1, ... from the first "
+                        "seed), reported as mean, sd, min and max (default: %(default)s)")
     g.add_argument("--stability", action="store_true", default=True,
                    help="compare top-K sets across --seeds (on by default)")
     g.add_argument("--no-stability", action="store_true", default=False,
@@ -98,7 +101,10 @@ def _add_run(sub) -> None:
     mg.add_argument("--probes", type=int, default=4, metavar="N",
                     help="hutchinson_diag: Rademacher probes per batch (default: %(default)s)")
     mg.add_argument("--per-sample", action="store_true",
-                    help="grad_squared: square per-sequence gradients, not per-batch")
+                    help="grad_squared: square per-sequence gradients (the default)")
+    mg.add_argument("--per-batch", action="store_true",
+                    help="grad_squared: square per-batch gradients instead (scores then depend "
+                         "on --batch-size)")
     mg.add_argument("--include-embeddings", action="store_true",
                     help="also score the input embedding")
     mg.add_argument("--include-lm-head", action="store_true", help="also score the LM head")
@@ -124,7 +130,8 @@ def _run(args: argparse.Namespace) -> int:
         stability=bool(args.stability) and not args.no_stability,
         calib_blocks=args.calib_blocks, block_len=args.block_len, batch_size=args.batch_size,
         heldout_fraction=args.heldout_fraction, eval_tokens=args.eval_tokens,
-        eval_len=args.eval_len, probes=args.probes, per_sample=args.per_sample,
+        eval_len=args.eval_len, probes=args.probes,
+        per_sample=not args.per_batch, random_draws=args.random_draws,
         include_embeddings=args.include_embeddings, include_lm_head=args.include_lm_head,
         layers=args.layers, modules=args.modules, csv_rows=args.csv_rows,
         device=args.device, dtype=args.dtype, out=args.out or "runs/sensitivity",

@@ -26,8 +26,8 @@ from torch import nn
 
 from nn_core.errors import NNError
 from nn_core.model.adapters import linear_in_out
+from nn_core.numerics import gradients as G
 from nn_sensitivity import dist
-from nn_sensitivity.batching import split_rows, summed_nll
 from nn_sensitivity.params import ParamInfo, eligible_params, resolve_params
 
 Batches = Iterable[Mapping[str, torch.Tensor]]
@@ -90,15 +90,6 @@ def _progress(items, desc: str, progress: bool | None):
     return tqdm(items, desc=desc, total=total, disable=disable, leave=False)
 
 
-def _zeros(tensors: Sequence[torch.Tensor], dtype=torch.float32) -> list[torch.Tensor]:
-    return [torch.zeros(t.shape, dtype=dtype, device=t.device) for t in tensors]
-
-
-def _grads(loss: torch.Tensor, tensors: Sequence[torch.Tensor], **kw) -> list[torch.Tensor]:
-    gs = torch.autograd.grad(loss, list(tensors), allow_unused=True, **kw)
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, tensors, strict=True)]
-
-
 def _no_tokens() -> NNError:
     return NNError("the calibration data has no loss tokens (empty, fully padded or all "
                    "prompt): pass more or longer calibration text")
@@ -111,67 +102,42 @@ def magnitude(model, infos, tensors, batches, *, progress=None):
 
 
 def grad_x_weight(model, infos, tensors, batches, *, progress=None):
-    """``grad_x_weight``: s = |g ⊙ W| with g = ∂L/∂W the gradient of the token-weighted
+    """``grad_x_weight``: s = |W ⊙ ḡ| with ḡ = ∂L/∂W the gradient of the token-weighted
     mean calibration loss L = (1/N) Σ_b L_b (a first-order Taylor estimate of the loss
-    change when the weight is removed)."""
-    acc = _zeros(tensors)
-    n_tok, n_batches = 0, 0
-    with _scoring_mode(model, tensors, grad=True):
-        for batch in _progress(batches, "grad_x_weight", progress):
-            loss, n = summed_nll(model, batch)
-            if n == 0:
-                continue
-            for a, g in zip(acc, _grads(loss, tensors), strict=True):
-                a.add_(g.float())
-            n_tok += n
-            n_batches += 1
-    dist.all_reduce_(acc)
-    n_tok = dist.all_reduce_count(n_tok)
-    if n_tok == 0:
-        raise _no_tokens()
-    values = {i.name: (a / n_tok * t.detach().float()).abs()
-              for i, a, t in zip(infos, acc, tensors, strict=True)}
-    return values, {"n_tokens": int(n_tok), "n_batches": int(dist.all_reduce_count(n_batches))}
+    change when the weight is removed). Signs of different samples' gradients cancel in
+    ḡ; ``snip`` sums absolute per-sample gradients instead."""
+    g = G.mean_gradient(model, tensors, batches, all_reduce=dist.all_reduce_, progress=progress)
+    values = {i.name: (a * t.detach().float()).abs()
+              for i, a, t in zip(infos, g.values, tensors, strict=True)}
+    return values, {"n_tokens": g.n_tokens, "n_batches": g.n_units}
 
 
-def grad_squared(model, infos, tensors, batches, *, per_sample: bool = False, progress=None):
-    """``grad_squared``: the empirical Fisher diagonal F = (1/B) Σ_b g_b ⊙ g_b, where
-    g_b = ∂(L_b / n_b)/∂W is the gradient of batch b's token-mean loss (``per_sample``:
-    of each sequence's token-mean loss, B then counts sequences). It is the mean of
+def grad_squared(model, infos, tensors, batches, *, per_sample: bool = True, progress=None):
+    """``grad_squared``: the empirical Fisher diagonal F = (1/U) Σ_u g_u ⊙ g_u, where
+    g_u = ∂ℓ_u/∂W is the gradient of the token-mean loss ℓ_u of one sequence (default;
+    U counts sequences) or, with ``per_sample=False`` (``--per-batch``), of a whole
+    batch (U counts batches; the score then shrinks as the batch grows, because the
+    batch gradient averages the sequences' gradients before squaring). The mean of
     squared gradients, not the square of the summed gradient (which cancels signs)."""
-    acc = _zeros(tensors)
-    count = 0
-    n_tok = 0
-    with _scoring_mode(model, tensors, grad=True):
-        for batch in _progress(batches, "grad_squared", progress):
-            units = split_rows(batch) if per_sample else [batch]
-            for unit in units:
-                loss, n = summed_nll(model, unit)
-                if n == 0:
-                    continue
-                for a, g in zip(acc, _grads(loss, tensors), strict=True):
-                    g = g.float() / n
-                    a.addcmul_(g, g)
-                count += 1
-                n_tok += n
-    dist.all_reduce_(acc)
-    count = dist.all_reduce_count(count)
-    n_tok = dist.all_reduce_count(n_tok)
-    if count == 0:
-        raise _no_tokens()
-    values = {i.name: a / count for i, a in zip(infos, acc, strict=True)}
+    f = G.squared_grad_mean(model, tensors, batches, per_sample=per_sample,
+                            all_reduce=dist.all_reduce_, progress=progress)
+    values = {i.name: a for i, a in zip(infos, f.values, strict=True)}
     unit = "sequences" if per_sample else "batches"
-    return values, {"n_tokens": int(n_tok), f"n_{unit}": int(count), "per_sample": per_sample}
+    return values, {"n_tokens": f.n_tokens, f"n_{unit}": f.n_units, "per_sample": per_sample}
 
 
-def _math_sdpa():
-    """Double backward needs the reference attention kernel (fused kernels are
-    differentiable once only)."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - old torch
-        return contextlib.nullcontext()
-    return sdpa_kernel(SDPBackend.MATH)
+def snip(model, infos, tensors, batches, *, progress=None):
+    """``snip``: s = |W| ⊙ Σ_x |∂ℓ_x/∂W|, summed over calibration sequences x, ℓ_x the
+    token-mean loss of sequence x over its loss tokens only (labels -100, prompt and
+    padding carry none: give instruction data with prompt-masked labels to score on
+    responses), as in Wei et al. (2024, "Assessing the brittleness of safety alignment
+    via pruning and low-rank modifications"). Per-sample gradients: unlike
+    ``grad_x_weight`` (|W ⊙ mean g|), a weight whose gradient changes sign between
+    sequences still scores high."""
+    a = G.abs_grad_sum(model, tensors, batches, all_reduce=dist.all_reduce_, progress=progress)
+    values = {i.name: t.detach().abs().float() * s
+              for i, s, t in zip(infos, a.values, tensors, strict=True)}
+    return values, {"n_tokens": a.n_tokens, "n_sequences": a.n_units}
 
 
 def hutchinson_diag(model, infos, tensors, batches, *, probes: int = 8, seed: int = 0,
@@ -184,63 +150,15 @@ def hutchinson_diag(model, infos, tensors, batches, *, probes: int = 8, seed: in
     se = sqrt(Σ_b Var_k(z ⊙ H_b z) / probes) / N (needs probes >= 2)."""
     if probes < 1:
         raise NNError(f"hutchinson_diag needs at least 1 probe, got {probes}: pass --probes 8")
-    est = _zeros(tensors)
-    var = _zeros(tensors) if stderr and probes > 1 else None
-    gens: dict[torch.device, torch.Generator] = {}
-
-    def rademacher(t: torch.Tensor) -> torch.Tensor:
-        gen = gens.get(t.device)
-        if gen is None:
-            gen = gens[t.device] = torch.Generator(device=t.device)
-            gen.manual_seed(seed + 7919 * dist.rank())
-        z = torch.randint(0, 2, t.shape, generator=gen, device=t.device, dtype=torch.int8)
-        return z.to(t.dtype).mul_(2).sub_(1)
-
-    n_tok, n_batches = 0, 0
-    with _scoring_mode(model, tensors, grad=True), _math_sdpa():
-        for batch in _progress(batches, "hutchinson_diag", progress):
-            loss, n = summed_nll(model, batch)
-            if n == 0:
-                continue
-            grads = _grads(loss, tensors, create_graph=True)
-            live = [i for i, g in enumerate(grads) if g.requires_grad]
-            s1 = _zeros(tensors) if var is not None else None
-            s2 = _zeros(tensors) if var is not None else None
-            for k in range(probes):
-                zs = [rademacher(tensors[i]) for i in live]
-                hz = torch.autograd.grad([grads[i] for i in live], [tensors[i] for i in live],
-                                         grad_outputs=zs, retain_graph=k < probes - 1,
-                                         allow_unused=True)
-                for i, z, h in zip(live, zs, hz, strict=True):
-                    if h is None:
-                        continue
-                    s = (z * h).float()
-                    est[i].add_(s, alpha=1.0 / probes)
-                    if var is not None:
-                        s1[i].add_(s)
-                        s2[i].addcmul_(s, s)
-            del grads
-            if var is not None:
-                for v, a, b in zip(var, s1, s2, strict=True):
-                    # unbiased per-batch variance over probes, divided by probes (mean's variance)
-                    v.add_((b - a * a / probes) / (probes - 1) / probes)
-            n_tok += n
-            n_batches += 1
-    dist.all_reduce_(est + (var or []))
-    n_tok = dist.all_reduce_count(n_tok)
-    if n_tok == 0:
-        raise _no_tokens()
-    diag = {i.name: e / n_tok for i, e in zip(infos, est, strict=True)}
+    h = G.hutchinson_diagonal(model, tensors, batches, probes=probes,
+                              seed=seed + 7919 * dist.rank(), stderr=stderr,
+                              all_reduce=dist.all_reduce_, progress=progress)
+    diag = {i.name: d for i, d in zip(infos, h.values, strict=True)}
     values = {k: v.abs() for k, v in diag.items()}
-    info = {"n_tokens": int(n_tok), "n_batches": int(dist.all_reduce_count(n_batches)),
-            "probes": probes, "seed": seed}
-    se = None
-    if var is not None:
-        se = {i.name: v.clamp_min(0).sqrt() / n_tok for i, v in zip(infos, var, strict=True)}
-        tot_se = sum(float(s.double().pow(2).sum()) for s in se.values())
-        tot_d = sum(float(d.double().pow(2).sum()) for d in diag.values())
-        info["stderr_rms"] = math.sqrt(tot_se / max(1, sum(i.numel for i in infos)))
-        info["relative_stderr"] = math.sqrt(tot_se / tot_d) if tot_d > 0 else float("inf")
+    info = {"n_tokens": h.n_tokens, "n_batches": h.n_units, "probes": probes, "seed": seed,
+            **{k: v for k, v in h.info.items() if k not in ("probes", "seed")}}
+    se = None if h.stderr is None else \
+        {i.name: v for i, v in zip(infos, h.stderr, strict=True)}
     return values, info, se, diag
 
 
@@ -325,6 +243,7 @@ METRICS: dict[str, Callable] = {
     "grad_x_weight": grad_x_weight,
     "grad_squared": grad_squared,
     "hutchinson_diag": hutchinson_diag,
+    "snip": snip,
     "magnitude": magnitude,
     "act_mag": act_mag,
     "wanda": wanda,
@@ -364,7 +283,7 @@ def score(
 
     ``batches``: dicts with ``input_ids`` and optional ``attention_mask``/``labels``
     (-100 = no loss). ``params`` (from :func:`eligible_params`) overrides the selection
-    flags. ``options`` go to the metric: ``per_sample`` (grad_squared), ``probes``,
+    flags. ``options`` go to the metric: ``per_sample`` (grad_squared, default True), ``probes``,
     ``seed``, ``stderr`` (hutchinson_diag); an option the metric does not take is an error.
 
     >>> s = score(model, batches, "grad_x_weight", modules="mlp")

@@ -34,7 +34,8 @@ def _finite(value) -> bool:
 
 def delta_ppl_vs_k(rows: Sequence[Mapping], path: Path, *, title: str) -> Path:
     """ΔPPL against K (log x axis) for top-K and each control. Rows whose perturbed model
-    gave inf/NaN logits (``delta.ppl`` None or inf) are drawn as triangles on the top edge."""
+    gave inf/NaN logits (``delta.ppl`` None or inf) are drawn as triangles on the top edge.
+    Rows with several random draws (``spread``) show the mean with a min..max bar."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     try:
@@ -46,6 +47,16 @@ def delta_ppl_vs_k(rows: Sequence[Mapping], path: Path, *, title: str) -> Path:
             if pts:
                 ks, d = zip(*pts, strict=True)
                 ax.plot(ks, d, marker="o", label=kind, color=_COLORS[kind])
+            # several random draws: the line is their mean, the bar spans min..max
+            spans = sorted((r["k"], r["delta"]["ppl"], r["spread"]["delta"]["ppl"]) for r in mine
+                           if _finite(r["delta"]["ppl"]) and r.get("n_draws", 1) > 1
+                           and (r.get("spread") or {}).get("delta", {}).get("ppl"))
+            if spans:
+                ks, mid, sp = zip(*spans, strict=True)
+                lo = [m - s["min"] for m, s in zip(mid, sp, strict=True)]
+                hi = [s["max"] - m for m, s in zip(mid, sp, strict=True)]
+                ax.errorbar(ks, mid, yerr=[lo, hi], fmt="none", capsize=3, color=_COLORS[kind],
+                            label=f"{kind}: min..max of {sp[0]['n']} draws")
             bad = sorted(r["k"] for r in mine if not _finite(r["delta"]["ppl"]))
             if bad:
                 ax.plot(bad, [top] * len(bad), linestyle="none", marker="^", markersize=9,

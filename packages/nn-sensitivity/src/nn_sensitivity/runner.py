@@ -71,7 +71,8 @@ class StudyConfig:
     eval_tokens: int = 2048
     eval_len: int = 256
     probes: int = 4
-    per_sample: bool = False
+    per_sample: bool = True
+    random_draws: int = 5
     include_embeddings: bool = False
     include_lm_head: bool = False
     layers: str | None = None
@@ -98,7 +99,7 @@ class StudyConfig:
         if negative:
             raise NNError(f"seed {negative[0]} is negative: --seeds takes integers >= 0, e.g. 0,1,2")
         for name in ("calib_blocks", "block_len", "batch_size", "eval_tokens", "eval_len",
-                     "probes"):
+                     "probes", "random_draws"):
             if getattr(self, name) < 1:
                 raise NNError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.eval_len < 2:
@@ -235,6 +236,37 @@ def _csv_text(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def _random_summary(measured: list, k: int, baseline: dict, seed0: int) -> dict:
+    """The random_k row over all draws: its ppl/nll/token_acc/delta become the means over
+    the draws with finite results, ``spread`` holds mean, sd (n-1; 0 for one draw), min
+    and max per metric and delta, and ``draws`` every draw's seed and result."""
+    draws = []
+    for d, ranking, info, res in measured:
+        draws.append({"draw": d, "seed": seed0 + d, "n_changed": info["n_changed"],
+                      "ppl": res["ppl"], "nll": res["nll"], "token_acc": res["token_acc"],
+                      "non_finite": res["non_finite"], "delta": _delta(res, baseline),
+                      "score_mean": float(np.mean(ranking.prefix(k).score))})
+    ok = [x for x in draws if not x["non_finite"]]
+
+    def stats(values: list[float]) -> dict | None:
+        if not values:
+            return None
+        a = np.asarray(values, dtype=np.float64)
+        return {"mean": float(a.mean()), "sd": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+                "min": float(a.min()), "max": float(a.max()), "n": int(a.size)}
+
+    spread = {m: stats([x[m] for x in ok]) for m in _METRICS}
+    spread["delta"] = {m: stats([x["delta"][m] for x in ok]) for m in _METRICS}
+    out = {"draws": draws, "spread": spread, "n_draws": len(draws),
+           "n_non_finite_draws": len(draws) - len(ok)}
+    if ok:
+        out.update({m: spread[m]["mean"] for m in _METRICS})
+        out["delta"] = {m: spread["delta"][m]["mean"] for m in _METRICS}
+        out["non_finite"] = False
+        out["score_mean"] = float(np.mean([x["score_mean"] for x in draws]))
+    return out
+
+
 def run_study(cfg: StudyConfig, *, model=None, tokenizer=None, progress: bool | None = None,
               echo: Callable[[str], None] | None = print) -> dict:
     """Run the whole study and write its outputs under ``cfg.out``; returns the summary
@@ -281,6 +313,10 @@ def run_study(cfg: StudyConfig, *, model=None, tokenizer=None, progress: bool | 
         rankings: dict[str, Ranking] = {"top_k": rank(scores, kmax, "top_k", cfg.mode)}
         for ctrl in cfg.controls:
             rankings[ctrl] = rank(scores, kmax, ctrl, cfg.mode, seed=seed0)
+        # random_k is drawn several times (seeds seed0, seed0+1, ...): "top-K beats random"
+        # is judged against the spread between draws, not against one lucky or unlucky draw
+        random_draws = {d: rank(scores, kmax, "random_k", cfg.mode, seed=seed0 + d)
+                        for d in range(1, cfg.random_draws)} if "random_k" in rankings else {}
         hist = histograms(scores)
     score_info = {k: v for k, v in scores.info.items() if k != "model"}
     del scores  # the stability seeds need the memory more
@@ -308,6 +344,9 @@ def run_study(cfg: StudyConfig, *, model=None, tokenizer=None, progress: bool | 
             for kind, r in rankings.items():
                 for k in cfg.topk:
                     r.prefix(k).to_weightset().save(rdir / f"{kind}_k{k}.safetensors")
+            for d, r in random_draws.items():
+                for k in cfg.topk:
+                    r.prefix(k).to_weightset().save(rdir / f"random_k_k{k}_draw{d}.safetensors")
             atomic_write_text(rdir / "top_k.csv", _csv_text(rankings["top_k"].rows(cfg.csv_rows)))
             for ctrl in cfg.controls:
                 atomic_write_text(rdir / f"{ctrl}.csv",
@@ -319,18 +358,28 @@ def run_study(cfg: StudyConfig, *, model=None, tokenizer=None, progress: bool | 
             baseline = _evaluate(model, tokenizer, data.eval, cfg)
             bar = tqdm(jobs, desc="perturb+evaluate", disable=_quiet(progress), leave=False)
             for k, kind in bar:
-                ws = rankings[kind].prefix(k).to_weightset()
                 start = time.perf_counter()
-                info, res = _measure_perturbed(model, tokenizer, data.eval, cfg, ws, seed0)
-                rows.append({
+                draws = [(0, rankings[kind])]
+                if kind == "random_k":
+                    draws += list(random_draws.items())
+                measured = []
+                for d, ranking in draws:
+                    ws = ranking.prefix(k).to_weightset()
+                    info, res = _measure_perturbed(model, tokenizer, data.eval, cfg, ws, seed0)
+                    measured.append((d, ranking, info, res))
+                _, ranking, info, res = measured[0]
+                row = {
                     "selection": kind, "k": k, "n_weights": info["n_weights"],
                     "n_changed": info["n_changed"],
                     "ppl": res["ppl"], "nll": res["nll"], "token_acc": res["token_acc"],
                     "non_finite": res["non_finite"],
                     "delta": _delta(res, baseline),
-                    "score_mean": float(np.mean(rankings[kind].prefix(k).score)),
-                    "seconds": time.perf_counter() - start,
-                })
+                    "score_mean": float(np.mean(ranking.prefix(k).score)),
+                }
+                if kind == "random_k":
+                    row.update(_random_summary(measured, k, baseline, seed0))
+                row["seconds"] = time.perf_counter() - start
+                rows.append(row)
 
         stability = {"enabled": bool(stab_sets), "seeds": list(stab_sets), "k": cfg.topk}
         if stab_sets:
@@ -348,6 +397,7 @@ def run_study(cfg: StudyConfig, *, model=None, tokenizer=None, progress: bool | 
 
         results = {
             "format": "nn.sensitivity-results/1",
+            "random_draws": cfg.random_draws if "random_k" in rankings else 0,
             "model": cfg.model,
             "metric": cfg.metric,
             "metric_info": score_info,
@@ -453,8 +503,13 @@ def format_summary(summary: dict) -> str:
             lines.append(f"{r['k']:>7}  {r['selection']:<9}  {'non-finite':>10}  {'inf':>10}  "
                          f"{'inf':>8}  {'n/a':>8}")
             continue
-        lines.append(f"{r['k']:>7}  {r['selection']:<9}  {r['ppl']:>10.3f}  {d['ppl']:>+10.3f}  "
-                     f"{d['nll']:>+8.4f}  {d['token_acc']:>+8.4f}")
+        line = (f"{r['k']:>7}  {r['selection']:<9}  {r['ppl']:>10.3f}  {d['ppl']:>+10.3f}  "
+                f"{d['nll']:>+8.4f}  {d['token_acc']:>+8.4f}")
+        spread = (r.get("spread") or {}).get("delta", {}).get("ppl")
+        if spread and r.get("n_draws", 1) > 1:
+            line += (f"  mean of {spread['n']} draws: ΔPPL sd {spread['sd']:.3f}, "
+                     f"min {spread['min']:+.3f}, max {spread['max']:+.3f}")
+        lines.append(line)
     if any(r.get("non_finite") for r in res["results"]):
         lines.append("non-finite: the perturbed model produced inf/NaN logits (ppl = inf)")
     if stab.get("enabled"):
