@@ -22,7 +22,8 @@ _EXPORTS = {
     "intervene.inject": ["inject"],
     "intervene.lora_views": ["effective_values", "effective_weight", "is_lora_layer", "original_param_name"],
     "intervene.masks": ["MaskHandle", "WeightMask", "down_proj_weight_mask", "mask_neurons"],
-    "intervene.surgery": ["SplitLinear", "merge", "merge_all", "split_down_proj", "split_linear", "split_modules"],
+    "intervene.surgery": ["LOKI_FORMAT", "SplitLinear", "apply_loki_config", "check_loki_positions", "merge",
+                          "merge_all", "split_down_proj", "split_linear", "split_modules", "train_only_splits"],
     "model.adapters": ["ModelAdapter", "get_adapter", "model_id", "model_signature"],
     "model.loading": ["load_model"],
     "model.sites": ["SITES", "SiteRef"],
@@ -87,12 +88,16 @@ if TYPE_CHECKING:  # static analysers see the real names
     )
     from nn_core.intervene.masks import MaskHandle, WeightMask, down_proj_weight_mask, mask_neurons  # noqa: F401
     from nn_core.intervene.surgery import (  # noqa: F401
+        LOKI_FORMAT,
         SplitLinear,
+        apply_loki_config,
+        check_loki_positions,
         merge,
         merge_all,
         split_down_proj,
         split_linear,
         split_modules,
+        train_only_splits,
     )
     from nn_core.model.adapters import ModelAdapter, get_adapter, model_id, model_signature  # noqa: F401
     from nn_core.model.loading import load_model  # noqa: F401

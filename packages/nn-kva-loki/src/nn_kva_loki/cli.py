@@ -2,6 +2,10 @@
 
     nn-kva-loki select KVA.h5 --quota Q [--strategy layer-balanced|global]
                 [--score signed|abs] [--plot] [--out DIR]
+    nn-kva-loki create MODEL POSITIONS [--out DIR]
+    nn-kva-loki restore LOKI_DIR [--out DIR]
+    nn-kva-loki train MODEL_OR_LOKI_DIR DATA [--positions P] [--merge] [--out DIR]
+    nn-kva-loki eval RUN [--lora train|none] [--out DIR]
 
 Bad input exits 2 with one line on stderr; outputs are written atomically.
 """
@@ -20,6 +24,9 @@ PROG = "nn-kva-loki"
 EPILOG = """examples:
   nn-kva-loki select runs/kva.h5 --quota 10                # the paper's layer-balanced 10 %
   nn-kva-loki select runs/kva.h5 --quota 5 --score abs --plot --out runs/sel-5
+  nn-kva-loki create smollm2-135m runs/sel-5 --out runs/loki-5   # positions from select
+  nn-kva-loki train runs/loki-5 task:reverse_words --max-steps 200 --merge --out runs/loki-train
+  nn-kva-loki eval runs/loki-train --out runs/loki-eval            # base vs LoKI vs same-budget LoRA
 """
 
 
@@ -99,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", metavar="FILE.yaml", default=None,
                    help="YAML file of option values; flags win over it, it wins over NN_* variables")
     s.set_defaults(func=_select)
+    from nn_kva_loki.cli_loki import add_loki_commands
+
+    add_loki_commands(sub)
     return parser
 
 

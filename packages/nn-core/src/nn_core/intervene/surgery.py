@@ -28,7 +28,13 @@ for columns), which is cheaper than a plain Linear's full weight gradient.
 :func:`merge` turns a split back into the original module class (the same object the split
 was made from, its parameters re-created): its state dict is bit-identical to the original
 when nothing trained and carries the trained values otherwise. Forward hooks registered on
-the module move across a split and a merge. Every replacement invalidates the cached
+the module move across a split and a merge.
+
+A split's state dict is the original module's (``weight``, ``bias``: the current effective
+values), so a split model's ``state_dict()``/``save_pretrained`` give a plain checkpoint and a
+plain state dict loads into it (the selected slice into ``trainable``, in place).
+:func:`apply_loki_config` re-applies a split recorded in a model's config (the
+``nn.loki/1`` marker), which :func:`nn_core.model.loading.load_model` calls. Every replacement invalidates the cached
 :func:`~nn_core.model.adapters.get_adapter` resolution.
 """
 
@@ -180,6 +186,45 @@ class SplitLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _SplitMatmul.apply(x, self.trainable, self.bias_trainable, self.frozen, self.index,
                                   self.dim, self.bias_frozen, self.conv1d_layout)
+
+    # ------------------------------------------------------------ state dict
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """The state dict is the original module's: ``weight`` (and ``bias``), the current
+        effective values in the original layout. A split model therefore saves, and its
+        checkpoints load, like the plain model (``save_pretrained`` writes a plain folder)."""
+        w = self.weight
+        destination[prefix + "weight"] = w if keep_vars else w.detach()
+        if self.bias_frozen is not None:
+            b = self.bias
+            destination[prefix + "bias"] = b if keep_vars else b.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Load a plain ``weight`` (and ``bias``): the whole tensor into the frozen buffer, its
+        selected slice into the trainable parameter (in place, so optimizers keep it)."""
+        expected = ["weight"] + (["bias"] if self.bias_frozen is not None else [])
+        with torch.no_grad():
+            for name in expected:
+                key = prefix + name
+                if key not in state_dict:
+                    missing_keys.append(key)
+                    continue
+                value = state_dict[key]
+                full = self.frozen if name == "weight" else self.bias_frozen
+                if tuple(value.shape) != tuple(full.shape):
+                    error_msgs.append(f"size mismatch for {key}: copying a param with shape "
+                                      f"{tuple(value.shape)}, the split layer has {tuple(full.shape)}")
+                    continue
+                full.copy_(value)
+                part = self.trainable if name == "weight" else self.bias_trainable
+                if part is not None:
+                    dim = self.dim if name == "weight" else 0
+                    part.copy_(value.to(part.device).index_select(dim, self.index))
+        if strict:
+            for key in state_dict:
+                rest = key[len(prefix):] if key.startswith(prefix) else None
+                if rest is not None and "." not in rest and rest not in expected:
+                    unexpected_keys.append(key)
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if self.conv1d_layout else "Linear"
@@ -346,3 +391,73 @@ def split_down_proj(model: nn.Module, selection: NeuronSet | Sequence[Iterable[i
         kw = {"rows": per_layer[layer]} if split == "rows" else {"cols": per_layer[layer]}
         out[layer] = split_linear(model, path, **kw)
     return out
+
+
+# ------------------------------------------------------------------ training only the splits
+def train_only_splits(model: nn.Module) -> int:
+    """Freeze every parameter of ``model`` except the trainable slices of its split layers
+    (``requires_grad`` False elsewhere, True on ``trainable``/``bias_trainable``); returns the
+    number of trainable entries."""
+    keep = set()
+    for mod in split_modules(model).values():
+        keep.add(id(mod.trainable))
+        if mod.bias_trainable is not None:
+            keep.add(id(mod.bias_trainable))
+    n = 0
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+        n += p.numel() if id(p) in keep else 0
+    return n
+
+
+# ------------------------------------------------------------------ saved LoKI splits
+LOKI_FORMAT = "nn.loki/1"
+LOKI_FORMAT_KEY = "loki_format"
+LOKI_POSITIONS_KEY = "target_pos"  # the field name of the original LoKI configs
+
+
+def check_loki_positions(positions, num_layers: int, width: int, *, what: str = "positions") -> list[list[int]]:
+    """LoKI positions (one list of down-projection output channels per layer) checked
+    strictly: exactly ``num_layers`` lists of distinct integers in ``0..width-1``; returns
+    them sorted. Anything else raises one :class:`NNError` line naming the fix."""
+    if not isinstance(positions, (list, tuple)) or not all(isinstance(x, (list, tuple)) for x in positions):
+        raise NNError(f"{what} must be one list of channel indices per layer, e.g. [[3, 17], [], [5]]")
+    if len(positions) != num_layers:
+        raise NNError(f"{what} cover {len(positions)} layers but the model has {num_layers}: "
+                      "they were made for another model")
+    out = []
+    for layer, values in enumerate(positions):
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+            raise NNError(f"{what}: layer {layer} holds a non-integer index: indices are integers")
+        bad = [v for v in values if not 0 <= v < width]
+        if bad:
+            raise NNError(f"{what}: layer {layer} holds index {bad[0]}, out of range 0..{width - 1}: "
+                          "they were made for another model")
+        if len(set(values)) != len(values):
+            dup = sorted(v for v in set(values) if list(values).count(v) > 1)[0]
+            raise NNError(f"{what}: layer {layer} lists index {dup} twice: give each channel once")
+        out.append(sorted(int(v) for v in values))
+    return out
+
+
+def apply_loki_config(model: nn.Module) -> dict[int, SplitLinear]:
+    """Re-apply the LoKI split a model's config records: with ``config.loki_format ==
+    "nn.loki/1"`` the output rows ``config.target_pos[l]`` of every layer's down-projection
+    become the only trainable parameters (:func:`split_down_proj` by rows, then
+    :func:`train_only_splits`). Weights are not changed. A model without the marker is left
+    alone (returns ``{}``); an unknown format or bad positions raise :class:`NNError`."""
+    config = getattr(model, "config", None)
+    fmt = getattr(config, LOKI_FORMAT_KEY, None)
+    if fmt is None:
+        return {}
+    if fmt != LOKI_FORMAT:
+        raise NNError(f"the model's config says loki_format '{fmt}', this nn-core reads {LOKI_FORMAT}: "
+                      "update nn-core or re-create the LoKI model")
+    if split_modules(model):
+        raise NNError("the model already has split layers: apply the LoKI split to a plain model")
+    ad = get_adapter(model)
+    positions = check_loki_positions(getattr(config, LOKI_POSITIONS_KEY, None), ad.num_layers, ad.width("mlp_out"),
+                                what="the config's target_pos")
+    splits = split_down_proj(model, positions, by="rows")
+    train_only_splits(model)
+    return splits

@@ -262,4 +262,21 @@ def _finish(model, tok, dev: torch.device, spec: str, *, quantized: bool):
     from nn_core.model.adapters import get_adapter
 
     get_adapter(model)
+    _run_config_hooks(model)
     return model, tok
+
+
+# Config markers that finish a saved model's setup after loading, e.g. a LoKI folder (a plain
+# HF folder whose config records ``"loki_format": "nn.loki/1"`` and ``target_pos``) is re-split
+# so only its selected down-projection rows train. Resolved by name at load time: the model
+# layer keeps no static import of the layers above it.
+CONFIG_HOOKS: dict[str, str] = {"loki_format": "nn_core.intervene.surgery:apply_loki_config"}
+
+
+def _run_config_hooks(model: nn.Module) -> None:
+    import importlib
+
+    for key, target in CONFIG_HOOKS.items():
+        if getattr(model.config, key, None) is not None:
+            module, _, name = target.partition(":")
+            getattr(importlib.import_module(module), name)(model)

@@ -24,8 +24,10 @@ def base_model(model: nn.Module) -> nn.Module:
 
 
 def _linear_names(model: nn.Module) -> list[str]:
+    from nn_core.intervene.surgery import SplitLinear
+
     return [name for name, mod in model.named_modules()
-            if name and (isinstance(mod, nn.Linear)
+            if name and (isinstance(mod, (nn.Linear, SplitLinear))
                          or type(mod).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt"))]
 
 
@@ -75,13 +77,23 @@ def prepare_model(model: nn.Module, config: SFTConfig) -> nn.Module:
     Conv1D gets ``fan_in_fan_out``); ``qlora`` needs a model loaded quantized
     (``load_model(..., quantization="4bit")``) and prepares it for k-bit training.
     ``full``: parameters outside ``trainable_modules`` are frozen (``requires_grad=False``).
+    A model with split layers (:mod:`nn_core.intervene.surgery`, e.g. a LoKI model) trains
+    only the trainable slices of its split layers when ``trainable_modules`` is None
+    (:func:`~nn_core.intervene.surgery.train_only_splits`; the frozen rest is a buffer, so it
+    has no optimizer state); a split layer named in ``trainable_modules`` trains its slice.
+    LoRA on a model with split layers is refused (merge them first).
     """
+    from nn_core.intervene.surgery import split_modules, train_only_splits
     from nn_core.model.adapters import get_adapter
 
     config.check()
     if is_peft_model(model):
         raise NNError("the model is already wrapped by PEFT: pass the plain model to prepare_model")
+    has_splits = bool(split_modules(model))
     if config.method == "full":
+        if has_splits and not config.trainable_modules:
+            train_only_splits(model)
+            return model
         if config.trainable_modules:
             wanted = list(config.trainable_modules)
             _check_targets(model, wanted, "trainable module(s)")
@@ -89,6 +101,9 @@ def prepare_model(model: nn.Module, config: SFTConfig) -> nn.Module:
                 owner = name.rsplit(".", 1)[0]
                 p.requires_grad_(any(_matches(owner, w) for w in wanted))
         return model
+    if has_splits:
+        raise NNError("the model has split layers (e.g. a LoKI model): train it with method full, "
+                      "or merge the splits (nn_core.intervene.surgery.merge_all) before LoRA")
     peft = _peft()
     quantized = _is_quantized(model)
     if config.method == "qlora":
