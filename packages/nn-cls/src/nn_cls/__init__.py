@@ -1,0 +1,48 @@
+"""nn-cls: complementary learning systems for continual learning of causal LMs.
+
+A fast hippocampus (:class:`Hippocampus`, a mixture of small MLP experts) is injected into
+the residual stream of a pretrained causal LM (:class:`CLSSystem`, through
+:func:`nn_core.intervene.inject`) and learns new tasks while awake; the episodes it sees go
+to a reservoir replay buffer (:class:`ReplayBuffer`) with the teacher's sparse top-k
+log-probabilities from the same forward; sleep consolidates them into the base (LoRA) by
+sparse-teacher distillation plus online EWC, and refreshes consolidated experts.
+
+Public names are resolved lazily (PEP 562).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "hippocampus": ["Hippocampus", "HippocampusConfig"],
+    "system": ["CLSSystem", "injection_layer"],
+    "replay": ["Episode", "ReplayBuffer", "collate_episodes", "episodes_from_batch"],
+}
+__all__ = [  # noqa: RUF022 (grouped by submodule)
+    "Hippocampus", "HippocampusConfig",
+    "CLSSystem", "injection_layer",
+    "Episode", "ReplayBuffer", "collate_episodes", "episodes_from_batch",
+]
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+
+if TYPE_CHECKING:
+    from nn_cls.hippocampus import Hippocampus, HippocampusConfig
+    from nn_cls.replay import Episode, ReplayBuffer, collate_episodes, episodes_from_batch
+    from nn_cls.system import CLSSystem, injection_layer
+
+
+def __getattr__(name: str):
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'nn_cls' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f"nn_cls.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
