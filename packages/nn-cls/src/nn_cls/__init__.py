@@ -20,18 +20,24 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "hippocampus": ["Hippocampus", "HippocampusConfig"],
     "system": ["CLSSystem", "injection_layer"],
-    "replay": ["Episode", "ReplayBuffer", "collate_episodes", "episodes_from_batch"],
+    "replay": ["Episode", "ReplayBuffer", "collate_episodes", "episodes_from_batch", "full_logits_bytes"],
 }
 __all__ = [  # noqa: RUF022 (grouped by submodule)
     "Hippocampus", "HippocampusConfig",
     "CLSSystem", "injection_layer",
-    "Episode", "ReplayBuffer", "collate_episodes", "episodes_from_batch",
+    "Episode", "ReplayBuffer", "collate_episodes", "episodes_from_batch", "full_logits_bytes",
 ]
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 
 if TYPE_CHECKING:
     from nn_cls.hippocampus import Hippocampus, HippocampusConfig
-    from nn_cls.replay import Episode, ReplayBuffer, collate_episodes, episodes_from_batch
+    from nn_cls.replay import (
+        Episode,
+        ReplayBuffer,
+        collate_episodes,
+        episodes_from_batch,
+        full_logits_bytes,
+    )
     from nn_cls.system import CLSSystem, injection_layer
 
 
