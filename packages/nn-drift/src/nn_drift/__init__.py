@@ -1,0 +1,47 @@
+"""nn-drift: safety-critical weights and neurons, and how they drift under fine-tuning.
+
+SNIP and Wanda scores on a safety and a utility set (:mod:`nn_drift.scores`), groups of
+weights or neurons (top-k, set difference, utility top, random; :mod:`nn_drift.groups`),
+LoRA fine-tuning with drift tracking (:mod:`nn_drift.drift`), a refusal detector
+(:mod:`nn_drift.refusal`) and the embedded data (:mod:`nn_drift.data`).
+
+Public names are resolved lazily (PEP 562), so ``nn-drift --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "data": ["UTILITY_TASKS", "embedded_records", "load_examples", "response_batches"],
+    "refusal": ["REFUSAL_PHRASES", "is_refusal", "refusal_rate"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nn_drift' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f"nn_drift.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # static analysers see the real names
+    from nn_drift.data import (  # noqa: F401
+        UTILITY_TASKS,
+        embedded_records,
+        load_examples,
+        response_batches,
+    )
+    from nn_drift.refusal import REFUSAL_PHRASES, is_refusal, refusal_rate  # noqa: F401

@@ -1,0 +1,39 @@
+"""``nn-drift``: safety-critical weights/neurons and their drift under fine-tuning.
+
+    nn-drift score MODEL [--safety DATA] [--utility DATA] [--metrics snip,wanda]
+                [--store top|full] [--top-percent P] [--out DIR]
+    nn-drift groups SCORES --method snip-top|set-diff|utility-top|random [...] [--out DIR]
+
+Bad input exits 2 with one line on stderr; outputs are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from nn_core.run.cli import cli_main, make_parser
+
+PROG = "nn-drift"
+
+EPILOG = """examples:
+  nn-drift score smollm2-135m --safety safety --utility utility --out runs/scores
+  nn-drift groups runs/scores --method set-diff --p 10 --q 10 --out runs/g-setdiff
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser(PROG, "Find the weights and neurons that matter for safety but not for "
+                         "utility, and measure how far they drift under fine-tuning.", EPILOG)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from nn_drift.cli_score import add_score_command
+
+    add_score_command(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
