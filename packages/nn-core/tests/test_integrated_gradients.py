@@ -212,3 +212,29 @@ def test_bad_arguments(tiny_models):
         integrated_gradients(model, ids, alphas=[0.5], weights=[1.0], target_ids=[1], site="attn")
     with pytest.raises(NNError, match="engine"):
         integrated_gradients(model, ids, alphas=[0.5], weights=[1.0], target_ids=[1], engine="x")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "opt"])
+def test_kv_cache_all_layers_in_one_batch_equal_per_layer(tiny_models, encode, arch):
+    """kv_cache batches (row, layer, step) triples of every layer together, each layer's
+    hook substituting only its own rows: the same as one layer at a time, for any chunking
+    (a chunk mixing layers and rows, and one triple per forward)."""
+    model, tok = tiny_models(arch)
+    enc = encode(tok, TEXTS, padding_side="left")
+    alphas, weights = quadrature("riemann_trapezoid", 3)
+    kw = dict(alphas=alphas, weights=weights, target_ids=TARGETS)
+    per_layer = torch.cat([integrated_gradients(model, enc["input_ids"], enc["attention_mask"],
+                                                layers=[la], engine="kv_cache", max_batch=3, **kw)
+                           for la in range(2)], dim=1)
+    full = integrated_gradients(model, enc["input_ids"], enc["attention_mask"], max_batch=4, **kw)
+    assert float(per_layer.abs().max()) > 0
+    for max_batch in (18, 7, 1):
+        joint = integrated_gradients(model, enc["input_ids"], enc["attention_mask"],
+                                     engine="kv_cache", max_batch=max_batch, **kw)
+        torch.testing.assert_close(joint, per_layer, rtol=1e-5, atol=1e-5 * float(per_layer.abs().max()))
+        torch.testing.assert_close(joint, full, rtol=1e-5, atol=1e-5 * float(full.abs().max()))
+    # repeated and reordered layers: each output column is its own layer's attribution
+    again = integrated_gradients(model, enc["input_ids"], enc["attention_mask"], layers=[1, 0, 1],
+                                 engine="kv_cache", max_batch=5, **kw)
+    torch.testing.assert_close(again, per_layer[:, [1, 0, 1]], rtol=1e-5,
+                               atol=1e-5 * float(per_layer.abs().max()))

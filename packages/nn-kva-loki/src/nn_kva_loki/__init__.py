@@ -1,7 +1,8 @@
 """nn-kva-loki: LoKI (low-damage knowledge implanting) on nn.
 
 Knowledge-value attribution (KVA: integrated gradients of the target-token probability
-w.r.t. each layer's MLP down-projection output) is stored in an ``nn.kva/1`` HDF5 file;
+w.r.t. each layer's MLP down-projection output; :func:`analyse`) is stored in an
+``nn.kva/1`` HDF5 file;
 :func:`select_channels` picks the channels that matter least (layer-balanced or global)
 as a :class:`nn_core.NeuronSet` and LoKI position list; :func:`create_loki` makes only
 those rows of every down-projection trainable, :func:`train_loki` trains them through
@@ -20,6 +21,8 @@ __version__ = "0.1.0"
 
 # submodule (relative to nn_kva_loki) -> the public names it provides
 _EXPORTS = {
+    "kva": ["ENGINES", "METHODS", "TARGETS", "Encoded", "Sample", "analyse", "attribute",
+            "captum_attributions", "encode_samples", "load_samples", "pairs_per_batch", "quadrature"],
     "kva_file": ["FORMAT", "KVAFile", "KVASettings", "KVAWriter", "open_kva_writer", "read_kva"],
     "loki": ["active_parameters", "count_optimizer_state", "create_loki", "is_loki", "load_loki",
              "loki_positions", "lora_rank_for_budget", "resolve_positions", "restore", "save_loki"],
@@ -53,6 +56,20 @@ if TYPE_CHECKING:  # static analysers see the real names
         general_texts,
         model_metrics,
         train_lora_control,
+    )
+    from nn_kva_loki.kva import (  # noqa: F401
+        ENGINES,
+        METHODS,
+        TARGETS,
+        Encoded,
+        Sample,
+        analyse,
+        attribute,
+        captum_attributions,
+        encode_samples,
+        load_samples,
+        pairs_per_batch,
+        quadrature,
     )
     from nn_kva_loki.kva_file import (  # noqa: F401
         FORMAT,

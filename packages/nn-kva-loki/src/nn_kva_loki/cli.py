@@ -1,5 +1,7 @@
 """``nn-kva-loki``: LoKI (low-damage knowledge implanting) on nn.
 
+    nn-kva-loki analyse [MODEL] [DATA] [--method M] [--steps N] [--engine fast|captum]
+                [--target argmax|gold] [--write-mode w|a] [--resume] [--out DIR]
     nn-kva-loki select KVA.h5 --quota Q [--strategy layer-balanced|global]
                 [--score signed|abs] [--plot] [--out DIR]
     nn-kva-loki create MODEL POSITIONS [--out DIR]
@@ -22,6 +24,7 @@ from nn_core.run.cli import args_config, cli_main, make_parser
 PROG = "nn-kva-loki"
 
 EPILOG = """examples:
+  nn-kva-loki analyse smollm2-135m mmlu.jsonl --out runs/kva   # KVA -> runs/kva/kva.h5
   nn-kva-loki select runs/kva.h5 --quota 10                # the paper's layer-balanced 10 %
   nn-kva-loki select runs/kva.h5 --quota 5 --score abs --plot --out runs/sel-5
   nn-kva-loki create smollm2-135m runs/sel-5 --out runs/loki-5   # positions from select
@@ -106,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", metavar="FILE.yaml", default=None,
                    help="YAML file of option values; flags win over it, it wins over NN_* variables")
     s.set_defaults(func=_select)
+    from nn_kva_loki.cli_analyse import add_analyse_command
     from nn_kva_loki.cli_loki import add_loki_commands
 
+    add_analyse_command(sub)
     add_loki_commands(sub)
     return parser
 

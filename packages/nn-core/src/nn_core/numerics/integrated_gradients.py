@@ -25,8 +25,13 @@ target position of the chunk, and only the logits at the target positions are co
 where the model accepts ``logits_to_keep``.
 
 ``engine="kv_cache"`` computes the same quantity by running each row's prefix (the tokens
-before ``t_b``) once with ``use_cache=True`` and then one batched forward of only the target
-token per ``(row, step)`` pair, with the prefix cache selected/expanded to that batch.
+before ``t_b``) once with ``use_cache=True`` and then batched forwards of only the target
+token, one batch row per ``(row, layer, step)`` triple (all layers together, ``max_batch``
+triples per forward), with the prefix cache selected/expanded to that batch. A hook at
+every requested layer writes ``α_k · a_l`` (slices of one leaf tensor) into the batch rows
+of that layer only; the rows of other layers pass through it naturally, so each row sees
+exactly one substitution, as in the per-layer computation. Since only the target token is
+recomputed and attention is causal, this is exact, not an approximation.
 """
 
 from __future__ import annotations
@@ -156,6 +161,18 @@ def _setter(pos_in_chunk: torch.Tensor, value: torch.Tensor):
     return fn
 
 
+def _row_setter(n: int, rows: torch.Tensor, value: torch.Tensor):
+    """Site fn for single-token batches of ``n`` rows: rows ``rows`` get ``value[rows]``
+    (their last position), the others keep their natural activation."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        view = out.view(n, -1, x.shape[-1])
+        idx = rows.to(x.device)
+        view[idx, -1] = value[idx].to(x.dtype)
+        return out
+    return fn
+
+
 def _reader(pos_in_chunk: torch.Tensor, store: dict, key):
     n = pos_in_chunk.numel()
 
@@ -195,10 +212,12 @@ def integrated_gradients(
     on row ``i`` of ``logits``).
 
     ``positions``: default each row's last real token; otherwise an int or one per row,
-    each a real token. ``max_batch`` caps the sequences per forward (the ``K`` steps of all
-    rows are batched together). ``engine``: ``"full"`` (full-sequence forwards) or
-    ``"kv_cache"`` (prefix once with a KV cache, then only the target token per step; same
-    result to float precision).
+    each a real token. ``max_batch`` caps the sequences per forward: ``(row, step)`` pairs of
+    one layer for ``"full"``, ``(row, layer, step)`` triples of all layers for
+    ``"kv_cache"`` (each holds a copy of its row's prefix cache: memory ~ ``max_batch`` x
+    the cache of one row). ``engine``: ``"full"`` (full-sequence forwards, one layer at a
+    time) or ``"kv_cache"`` (prefix once with a KV cache, then only the target token, all
+    layers and steps in one batch; same result to float precision).
     """
     check_site(site)
     if engine not in ENGINES:
@@ -255,10 +274,10 @@ def _clean(runner: _Runner, layers, site: str, max_batch: int) -> torch.Tensor:
         for start in range(0, batch, max_batch):
             rows = torch.arange(start, min(start + max_batch, batch), device=runner.ids.device)
             store: dict = {}
-            fns = {SiteRef(la, site): _reader(runner.pos[rows], store, i) for i, la in enumerate(layers)}
+            fns = {SiteRef(la, site): _reader(runner.pos[rows], store, la) for la in set(layers)}
             with hooked(runner.model, fns):
                 runner.logits(rows)
-            parts.append(torch.stack([store[i] for i in range(len(layers))], dim=1))
+            parts.append(torch.stack([store[la] for la in layers], dim=1))
     return torch.cat(parts)
 
 
@@ -357,25 +376,32 @@ def _ig_kv(model, ids, mask, pos, layers, site, alpha, weight, target_fn, max_ba
         for start in range(0, batch, max_batch):
             rows = torch.arange(start, min(start + max_batch, batch), device=device)
             store: dict = {}
-            fns = {SiteRef(la, site): _reader(zero[:len(rows)], store, i) for i, la in enumerate(layers)}
+            fns = {SiteRef(la, site): _reader(zero[:len(rows)], store, la) for la in set(layers)}
             with hooked(model, fns):
                 last_logits(rows)
-            parts.append(torch.stack([store[i] for i in range(len(layers))], dim=1))
+            parts.append(torch.stack([store[la] for la in layers], dim=1))
     clean = torch.cat(parts)
 
-    rows_all, steps_all = _pairs(batch, alpha.numel(), device)
+    # every (row, layer, step) triple is one row of the batch: one forward and one
+    # backward per chunk of max_batch triples, whatever the layer
+    n_layers, k = len(layers), alpha.numel()
+    flat = torch.arange(batch * n_layers * k, device=device)
+    rows_all, li_all, steps_all = flat // (n_layers * k), (flat // k) % n_layers, flat % k
+    layer_of = torch.tensor(layers, dtype=torch.long, device=device)
     alpha_d, weight_d = alpha.to(device), weight.to(device)
-    out = torch.empty(batch, len(layers), clean.shape[-1], dtype=torch.float32)
-    for li, layer in enumerate(layers):
-        gsum = torch.zeros(batch, clean.shape[-1], dtype=torch.float64, device=device)
-        for start in range(0, rows_all.numel(), max_batch):
-            rows = rows_all[start:start + max_batch]
-            steps = steps_all[start:start + max_batch]
-            z = (alpha_d[steps, None] * clean[rows, li].to(torch.float64)).to(clean.dtype)
-            z.requires_grad_(True)
-            with torch.enable_grad(), hooked(model, {SiteRef(layer, site): _setter(zero[:len(rows)], z)}):
-                value = target_fn(last_logits(rows), rows)
-                (grad,) = torch.autograd.grad(value.sum(), z)
-            gsum.index_add_(0, rows, weight_d[steps, None] * grad.to(torch.float64))
-        out[:, li] = _accumulate(clean[:, li], gsum).cpu()
-    return out
+    gsum = torch.zeros(batch, n_layers, clean.shape[-1], dtype=torch.float64, device=device)
+    for start in range(0, flat.numel(), max_batch):
+        rows = rows_all[start:start + max_batch]
+        lis = li_all[start:start + max_batch]
+        steps = steps_all[start:start + max_batch]
+        z = (alpha_d[steps, None] * clean[rows, lis].to(torch.float64)).to(clean.dtype)
+        z.requires_grad_(True)
+        fns = {}
+        for layer in torch.unique(layer_of[lis]).tolist():
+            mine = torch.nonzero(layer_of[lis] == layer)[:, 0]
+            fns[SiteRef(layer, site)] = _row_setter(len(rows), mine, z)
+        with torch.enable_grad(), hooked(model, fns):
+            value = target_fn(last_logits(rows), rows)
+            (grad,) = torch.autograd.grad(value.sum(), z)
+        gsum.index_put_((rows, lis), weight_d[steps, None] * grad.to(torch.float64), accumulate=True)
+    return (clean.to(torch.float64) * gsum).to(torch.float32).cpu()
