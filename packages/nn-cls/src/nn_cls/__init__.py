@@ -20,17 +20,31 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "hippocampus": ["Hippocampus", "HippocampusConfig"],
     "system": ["CLSSystem", "injection_layer"],
+    "phases": ["OnlineEWC", "SchedulerConfig", "SleepScheduler", "agreement", "probe_forgetting",
+               "refresh", "sleep_step", "wake_step"],
     "replay": ["Episode", "ReplayBuffer", "collate_episodes", "episodes_from_batch", "full_logits_bytes"],
 }
 __all__ = [  # noqa: RUF022 (grouped by submodule)
     "Hippocampus", "HippocampusConfig",
     "CLSSystem", "injection_layer",
+    "OnlineEWC", "SchedulerConfig", "SleepScheduler", "agreement", "probe_forgetting",
+    "refresh", "sleep_step", "wake_step",
     "Episode", "ReplayBuffer", "collate_episodes", "episodes_from_batch", "full_logits_bytes",
 ]
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 
 if TYPE_CHECKING:
     from nn_cls.hippocampus import Hippocampus, HippocampusConfig
+    from nn_cls.phases import (
+        OnlineEWC,
+        SchedulerConfig,
+        SleepScheduler,
+        agreement,
+        probe_forgetting,
+        refresh,
+        sleep_step,
+        wake_step,
+    )
     from nn_cls.replay import (
         Episode,
         ReplayBuffer,
