@@ -25,9 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(PROG, "Find the weights and neurons that matter for safety but not for "
                          "utility, and measure how far they drift under fine-tuning.", EPILOG)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from nn_drift.cli_groups import add_groups_command
     from nn_drift.cli_score import add_score_command
 
     add_score_command(sub)
+    add_groups_command(sub)
     return parser
 
 

@@ -280,7 +280,12 @@ def compute_scores(model: nn.Module, datasets: Mapping[str, Sequence[Mapping]],
         raise NNError("nothing to score: pass at least one dataset and one metric")
     infos = scored_params(model, layers=layers, modules=modules)
     params = [ParamMeta(i.name, int(i.layer), i.kind, tuple(i.shape)) for i in infos]
-    table = ScoreTable(params, _model_meta(model))
+    from nn_core.model.adapters import get_adapter, model_signature
+
+    ad = get_adapter(model)
+    meta = {**_model_meta(model), "widths": model_signature(model)["widths"],
+            "down_weights": {str(i): ad.down_weight_name(i) for i in range(ad.num_layers)}}
+    table = ScoreTable(params, meta)
     for ds, batches in datasets.items():
         for metric in metrics:
             s = score(model, list(batches), metric, params=infos, progress=progress)
