@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "hippocampus": ["Hippocampus", "HippocampusConfig"],
     "system": ["CLSSystem", "injection_layer"],
+    "engine": ["METHODS", "EngineConfig", "run_stream"],
     "phases": ["OnlineEWC", "SchedulerConfig", "SleepScheduler", "agreement", "probe_forgetting",
                "refresh", "sleep_step", "wake_step"],
     "replay": ["Episode", "ReplayBuffer", "collate_episodes", "episodes_from_batch", "full_logits_bytes"],
@@ -27,6 +28,7 @@ _EXPORTS = {
 __all__ = [  # noqa: RUF022 (grouped by submodule)
     "Hippocampus", "HippocampusConfig",
     "CLSSystem", "injection_layer",
+    "METHODS", "EngineConfig", "run_stream",
     "OnlineEWC", "SchedulerConfig", "SleepScheduler", "agreement", "probe_forgetting",
     "refresh", "sleep_step", "wake_step",
     "Episode", "ReplayBuffer", "collate_episodes", "episodes_from_batch", "full_logits_bytes",
@@ -34,6 +36,7 @@ __all__ = [  # noqa: RUF022 (grouped by submodule)
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 
 if TYPE_CHECKING:
+    from nn_cls.engine import METHODS, EngineConfig, run_stream
     from nn_cls.hippocampus import Hippocampus, HippocampusConfig
     from nn_cls.phases import (
         OnlineEWC,
