@@ -53,3 +53,27 @@ def test_groups_cli(tmp_path, capsys):
                  "--out", str(tmp_path / "empty")]) == 2
     assert "empty" in capsys.readouterr().err
     assert not (tmp_path / "empty").exists()
+
+
+def test_finetune_cli(tmp_path, capsys):
+    from nn_core.model.loading import load_model
+    from nn_core.select.weightset import WeightSet
+    from nn_drift.drift import read_drift
+
+    model, _ = load_model("tiny-llama", device="cpu")
+    g = tmp_path / "groups"
+    g.mkdir()
+    name = "model.layers.0.mlp.down_proj.weight"
+    WeightSet.for_model(model, {name: [0, 5, 700]}, method="t").save(g / "a.safetensors")
+    WeightSet.for_model(model, {name: [130, 4000]}, method="t").save(g / "b.safetensors")
+    out = tmp_path / "ft"
+    args = ["finetune", "tiny-llama", "task:copy", "--groups", str(g), "--max-steps", "2",
+            "--track-every", "1", "--batch-size", "2", "--max-length", "160", "--n-samples", "4",
+            "--lr", "0.05", "--freeze-group", "a", "--out", str(out)]
+    assert main(args) == 0
+    rows = read_drift(out)
+    assert {r["group"] for r in rows} == {"a", "b"} and {r["step"] for r in rows} == {0, 1, 2}
+    last = {(r["group"], r["metric"]): r for r in rows if r["step"] == 2}
+    assert last[("a", "l2")]["max"] == 0.0 and last[("b", "l2")]["max"] > 0
+    assert main([*args[:-2], "--freeze-group", "zzz", "--out", str(tmp_path / "bad")]) == 2
+    assert "freeze-group 'zzz'" in capsys.readouterr().err

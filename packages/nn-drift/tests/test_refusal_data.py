@@ -55,3 +55,10 @@ def test_response_batches_mask_prompts(tiny_llama):
     real = lab != -100
     assert bool((lab[real] == ids[real]).all())
     assert int(real[0].nonzero()[0]) > 5  # the prompt is masked
+
+
+def test_public_names_resolve():
+    import nn_drift
+
+    for name in nn_drift.__all__:
+        assert getattr(nn_drift, name) is not None

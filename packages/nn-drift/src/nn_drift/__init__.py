@@ -18,6 +18,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "data": ["UTILITY_TASKS", "embedded_records", "load_examples", "response_batches"],
     "refusal": ["REFUSAL_PHRASES", "is_refusal", "refusal_rate"],
+    "scores": ["ParamMeta", "ScoreTable", "compute_scores", "load_scores"],
+    "groups": ["make_groups", "neuron_scores", "summary", "top_neurons", "top_weights"],
+    "drift": ["DriftTracker", "FreezeRows", "load_groups", "member_metrics", "read_drift"],
+    "finetune": ["block_linear_targets", "finetune_with_drift"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -44,4 +48,20 @@ if TYPE_CHECKING:  # static analysers see the real names
         load_examples,
         response_batches,
     )
+    from nn_drift.drift import (  # noqa: F401
+        DriftTracker,
+        FreezeRows,
+        load_groups,
+        member_metrics,
+        read_drift,
+    )
+    from nn_drift.finetune import block_linear_targets, finetune_with_drift  # noqa: F401
+    from nn_drift.groups import (  # noqa: F401
+        make_groups,
+        neuron_scores,
+        summary,
+        top_neurons,
+        top_weights,
+    )
     from nn_drift.refusal import REFUSAL_PHRASES, is_refusal, refusal_rate  # noqa: F401
+    from nn_drift.scores import ParamMeta, ScoreTable, compute_scores, load_scores  # noqa: F401

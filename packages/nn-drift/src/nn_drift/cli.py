@@ -3,6 +3,7 @@
     nn-drift score MODEL [--safety DATA] [--utility DATA] [--metrics snip,wanda]
                 [--store top|full] [--top-percent P] [--out DIR]
     nn-drift groups SCORES --method snip-top|set-diff|utility-top|random [...] [--out DIR]
+    nn-drift finetune MODEL [DATA] --groups G... [--track-every N] [--freeze-group G] [--out DIR]
 
 Bad input exits 2 with one line on stderr; outputs are written atomically.
 """
@@ -18,6 +19,7 @@ PROG = "nn-drift"
 EPILOG = """examples:
   nn-drift score smollm2-135m --safety safety --utility utility --out runs/scores
   nn-drift groups runs/scores --method set-diff --p 10 --q 10 --out runs/g-setdiff
+  nn-drift finetune smollm2-135m utility --groups runs/g-setdiff --max-steps 200 --out runs/ft
 """
 
 
@@ -25,11 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(PROG, "Find the weights and neurons that matter for safety but not for "
                          "utility, and measure how far they drift under fine-tuning.", EPILOG)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from nn_drift.cli_finetune import add_finetune_command
     from nn_drift.cli_groups import add_groups_command
     from nn_drift.cli_score import add_score_command
 
     add_score_command(sub)
     add_groups_command(sub)
+    add_finetune_command(sub)
     return parser
 
 
