@@ -25,8 +25,14 @@ and loss on the supervised tokens, with the token count) into the A and L matric
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass, field
+import os
+import random
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -47,13 +53,35 @@ from nn_core.data.batching import collate
 from nn_core.data.chat import tokenize_examples
 from nn_core.data.instructions import Example
 from nn_core.errors import NNError
+from nn_core.io import atomic_path
 from nn_core.numerics.loss import IGNORE_INDEX, causal_labels
 from nn_core.train.config import SFTConfig
 from nn_core.train.lora import prepare_model
 from nn_eval.continual import cl_metrics
 from nn_eval.tasks import make_split
 
-__all__ = ["METHODS", "EngineConfig", "run_stream"]
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_KEYS", "CHECKPOINT_NAME", "METHODS", "EngineConfig",
+           "config_hash", "evaluate", "load_checkpoint", "run_stream"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = "nn-cls.checkpoint/1"
+#: What a checkpoint holds (``torch.save`` of a dict of tensors and plain containers).
+CHECKPOINT_KEYS = {
+    "format": "nn-cls.checkpoint/1",
+    "config_hash": "config_hash(engine config, identity): resume refuses another",
+    "config": "the engine config and identity (model) it was written with",
+    "step": "finished wake steps (boundaries included)", "total_steps": "steps of the whole stream",
+    "done": "whether the stream is finished",
+    "base": "the base's trained parameters (LoRA A/B), by name",
+    "hippocampus": "Hippocampus.state_dict(): router, experts, usage, task usage, init weights",
+    "wake_opt": "AdamW state of the wake optimizer", "sleep_opt": "AdamW state of the sleep optimizer",
+    "replay": "ReplayBuffer.state_dict(): episodes with sparse teachers, seen count, RNG",
+    "ewc": "OnlineEWC.state_dict(): Fisher, anchors, update count (None without EWC)",
+    "scheduler": "SleepScheduler.state_dict(): loss mean, steps since sleep, novelty",
+    "rng": "torch global RNG, the stream's batch-sampling generator, python random",
+    "A": "accuracy matrix so far", "L": "loss matrix so far", "counts": "token counts so far",
+    "history": "every logged record so far",
+}
 
 METHODS: dict[str, dict[str, bool]] = {
     "full_cls": dict(hippocampus=True, sleep=True, ewc=True, refresh=True, replay_steps=False),
@@ -123,6 +151,8 @@ def evaluate(system: CLSSystem, feats: list, pad_id: int, batch_size: int = 8) -
     """(token accuracy, token-mean loss, tokens) on the supervised tokens of ``feats``."""
     hits = loss = 0.0
     n = 0
+    was = system.hippocampus.training
+    system.hippocampus.eval()  # evaluation must not move the usage statistics
     for i in range(0, len(feats), batch_size):
         batch = collate(feats[i:i + batch_size], pad_id)
         logits = system.forward(batch, hippocampus=True)[:, :-1].float()
@@ -132,13 +162,78 @@ def evaluate(system: CLSSystem, feats: list, pad_id: int, batch_size: int = 8) -
                                       reduction="sum"))
         hits += float(((logits.argmax(-1) == labels) & keep).sum())
         n += int(keep.sum())
+    system.hippocampus.train(was)
     return (hits / n, loss / n, n) if n else (math.nan, math.nan, 0)
 
 
-def run_stream(cfg: EngineConfig, model, tok, *, log=None) -> dict:
-    """Run ``cfg.method`` over ``cfg.tasks``; returns A, L, counts, ``cl_metrics`` and history."""
+def config_hash(cfg: EngineConfig, identity: Mapping | None = None) -> str:
+    """First 16 hex digits of the SHA-256 of the canonical JSON of ``asdict(cfg)`` plus
+    ``identity`` (e.g. the model name): two runs may share a checkpoint only if they agree."""
+    blob = json.dumps({"engine": asdict(cfg), "identity": dict(identity or {})}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _differences(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += _differences(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint written by :func:`run_stream` (``weights_only`` unpickling: tensors and
+    plain containers only); one :class:`NNError` line when it is missing or not a checkpoint."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKPOINT_NAME
+    if not p.is_file():
+        raise NNError(f"checkpoint '{p}' does not exist: pass a {CHECKPOINT_NAME} written by nn-cls "
+                      "(or the run folder holding it)")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unpickling failure means "not a checkpoint"
+        raise NNError(f"'{p}' is not an nn-cls checkpoint ({type(exc).__name__}): pass a "
+                      f"{CHECKPOINT_NAME} written by nn-cls train") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise NNError(f"'{p}' is not an nn-cls checkpoint (no format {CHECKPOINT_FORMAT}): pass a "
+                      f"{CHECKPOINT_NAME} written by nn-cls train")
+    return state
+
+
+def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str | os.PathLike | None = None,
+               checkpoint_every: int = 0, resume: str | os.PathLike | Mapping | None = None,
+               stop_after: int | None = None, identity: Mapping | None = None) -> dict:
+    """Run ``cfg.method`` over ``cfg.tasks``; returns A, L, counts, ``cl_metrics`` and history.
+
+    The stream is ``len(cfg.tasks) · cfg.steps_per_task`` wake steps; after step ``s`` (1-based
+    count of finished wake steps, including the sleeps it triggered and, when ``s`` ends a
+    task, the boundary sleep and evaluation) a checkpoint goes to
+    ``checkpoint_dir/checkpoint.pt`` when ``checkpoint_every`` divides ``s``, at
+    ``stop_after`` (the run then returns with ``stopped=True``) and at the end. A checkpoint
+    holds everything the rest of the run depends on (see :data:`CHECKPOINT_KEYS`), so
+    ``resume`` (a checkpoint path, run folder or loaded state) continues exactly where it
+    stopped: a resumed run reproduces the uninterrupted one. A checkpoint whose config hash
+    (:func:`config_hash` of ``cfg`` and ``identity``) differs is refused.
+    """
     cfg.check()
+    if checkpoint_every < 0:
+        raise NNError(f"train.checkpoint_every must be >= 0, got {checkpoint_every}")
     parts = METHODS[cfg.method]
+    chash = config_hash(cfg, identity)
+    state = None
+    if resume is not None:
+        state = resume if isinstance(resume, Mapping) else load_checkpoint(resume)
+        if state.get("config_hash") != chash:
+            diff = _differences(state.get("config", {}), {"engine": asdict(cfg),
+                                                          "identity": dict(identity or {})})
+            raise NNError(f"the checkpoint was written by another config (hash {state.get('config_hash')} "
+                          f"!= {chash}; differs in {', '.join(diff[:4]) or 'unknown keys'}): resume with "
+                          "the config it was written with")
     torch.manual_seed(cfg.seed)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     data = [_features(tok, t, cfg) for t in cfg.tasks]
@@ -167,19 +262,62 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None) -> dict:
                 p.requires_grad_(False)
     sched = SleepScheduler(cfg.scheduler)
     T = len(cfg.tasks)
+    total = T * cfg.steps_per_task
     A = [[math.nan] * T for _ in range(T)]
     L = [[math.nan] * T for _ in range(T)]
     C = [[math.nan] * T for _ in range(T)]
     history: list[dict] = []
-    step = 0
     gen = torch.Generator().manual_seed(cfg.seed)
+    start = 0
+    if state is not None:
+        with torch.no_grad():
+            missing = set(base_params) ^ set(state["base"])
+            if missing:
+                raise NNError(f"the checkpoint's base parameters differ from this run's "
+                              f"({sorted(missing)[:2]}): resume with the same config")
+            for n, p in base_params.items():
+                p.copy_(state["base"][n])
+        system.hippocampus.load_state_dict(state["hippocampus"])
+        wake_opt.load_state_dict(state["wake_opt"])
+        sleep_opt.load_state_dict(state["sleep_opt"])
+        replay.load_state_dict(state["replay"])
+        if ewc is not None:
+            ewc.load_state_dict(state["ewc"])
+        sched.load_state_dict(state["scheduler"])
+        A, L, C = state["A"], state["L"], state["counts"]
+        history = list(state["history"])
+        start = int(state["step"])
+        gen.set_state(state["rng"]["stream"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
 
     def emit(rec):
         history.append(rec)
         if log is not None:
             log(rec)
 
-    def do_sleep(n_steps: int, tasks_done: list[int], reason: str) -> None:
+    def save(done: int) -> Path | None:
+        if checkpoint_dir is None:
+            return None
+        ck = {
+            "format": CHECKPOINT_FORMAT, "config_hash": chash,
+            "config": {"engine": asdict(cfg), "identity": dict(identity or {})},
+            "step": done, "total_steps": total, "done": done >= total,
+            "base": {n: p.detach().cpu().clone() for n, p in base_params.items()},
+            "hippocampus": {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
+                            for k, v in system.hippocampus.state_dict().items()},
+            "wake_opt": wake_opt.state_dict(), "sleep_opt": sleep_opt.state_dict(),
+            "replay": replay.state_dict(), "ewc": ewc.state_dict() if ewc is not None else None,
+            "scheduler": sched.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "stream": gen.get_state(), "python": random.getstate()},
+            "A": A, "L": L, "counts": C, "history": history,
+        }
+        path = Path(checkpoint_dir) / CHECKPOINT_NAME
+        with atomic_path(path) as tmp:
+            torch.save(ck, tmp)
+        return path
+
+    def do_sleep(n_steps: int, tasks_done: list[int], reason: str, step: int) -> None:
         if not len(replay):
             return
         for p in base_params.values():
@@ -201,45 +339,68 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None) -> dict:
             emit({"phase": "refresh", "step": step, **info})
         sched.slept()
 
-    for i, (train, _) in enumerate(data):
-        for _ in range(cfg.steps_per_task):
+    stopped = False
+    try:
+        for s in range(start, total):
+            i = s // cfg.steps_per_task
+            train = data[i][0]
             pick = torch.randint(len(train), (cfg.batch_size,), generator=gen).tolist()
             batch = collate([train[j] for j in pick], pad_id)
-            pen_opt = wake_opt
-            m = wake_step(system, batch, pen_opt, task=i, step=step, replay=replay, top_k=cfg.top_k,
+            m = wake_step(system, batch, wake_opt, task=i, step=s, replay=replay, top_k=cfg.top_k,
                           hippocampus=parts["hippocampus"])
             if parts["replay_steps"] and len(replay) > cfg.batch_size:
                 rb = collate_episodes(replay.sample(cfg.batch_size), pad_id)[0]
-                m["replay_loss"] = wake_step(system, rb, wake_opt, task=i, step=step,
+                m["replay_loss"] = wake_step(system, rb, wake_opt, task=i, step=s,
                                              hippocampus=False)["wake_loss"]
             if ewc is not None and not parts["sleep"] and ewc.fisher:
                 wake_opt.zero_grad(set_to_none=True)
                 ewc.penalty().backward()
                 wake_opt.step()
             m["novelty"] = sched.observe_wake(m["wake_loss"])
-            emit({"phase": "wake", "step": step, "task": cfg.tasks[i], **m})
-            step += 1
+            m["replay_size"] = len(replay)
+            emit({"phase": "wake", "step": s, "task": cfg.tasks[i], **m})
+            done = s + 1
             if parts["sleep"]:
                 d = sched.decide(saturation=sched.saturation(system) if parts["hippocampus"] else 0.0,
                                  forgetting=probe_forgetting(system, replay.sample(min(2, len(replay))), pad_id)
                                  if len(replay) else 0.0)
                 if d["sleep"]:
-                    emit({"phase": "schedule", "step": step, **d})
-                    do_sleep(d["sleep_steps"], list(range(i + 1)), d["reason"])
-        if parts["sleep"]:
-            do_sleep(cfg.scheduler.min_sleep_steps or 1, list(range(i + 1)), "task_boundary")
-        if ewc is not None and not parts["sleep"]:
-            eps = [e for e in replay.items if e.task == i][: cfg.probe_size]
-            if eps:
-                ewc.update(system, [collate_episodes(eps, pad_id)[0]])
-        for j in range(i + 1):
-            acc, loss, n = evaluate(system, data[j][1], pad_id)
-            A[i][j], L[i][j], C[i][j] = acc, loss, n
-        emit({"phase": "boundary", "step": step, "boundary": i,
-              **{f"task_acc/{cfg.tasks[j]}": A[i][j] for j in range(i + 1)},
-              **{f"task_loss/{cfg.tasks[j]}": L[i][j] for j in range(i + 1)},
-              **{f"task_tokens/{cfg.tasks[j]}": C[i][j] for j in range(i + 1)}})
-    metrics = cl_metrics(A, L, counts=C, tasks=list(cfg.tasks))
-    system.close()
+                    emit({"phase": "schedule", "step": done, **d})
+                    do_sleep(d["sleep_steps"], list(range(i + 1)), d["reason"], done)
+            if done % cfg.steps_per_task == 0:
+                _boundary(cfg, system, data, i, parts, ewc, replay, pad_id, do_sleep, emit, A, L, C, done)
+            periodic = bool(checkpoint_every) and done % checkpoint_every == 0
+            if done in (total, stop_after) or periodic:
+                save(done)
+            if stop_after is not None and done >= stop_after and done < total:
+                stopped = True
+                break
+    finally:
+        system.close()
+    metrics = cl_metrics(A, L, counts=C, tasks=list(cfg.tasks)) if not stopped else None
+    ck = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     return {"method": cfg.method, "A": A, "L": L, "counts": C, "metrics": metrics, "history": history,
-            "replay_bytes": replay.nbytes(), "replay_episodes": len(replay)}
+            "replay_bytes": replay.nbytes(), "replay_episodes": len(replay), "stopped": stopped,
+            "step": min(stop_after, total) if stopped else total, "total_steps": total,
+            "config_hash": chash, "checkpoint": str(ck) if ck is not None and ck.exists() else None}
+
+
+def _boundary(cfg, system, data, i, parts, ewc, replay, pad_id, do_sleep, emit, A, L, C, done) -> None:
+    """End of task ``i``: boundary sleep (sleep methods), the ``ewc`` baseline's Fisher update,
+    and the evaluation of every seen task into row ``i`` of A, L and C."""
+    if parts["sleep"]:
+        do_sleep(cfg.scheduler.min_sleep_steps or 1, list(range(i + 1)), "task_boundary", done)
+    if ewc is not None and not parts["sleep"]:
+        eps = [e for e in replay.items if e.task == i][: cfg.probe_size]
+        if eps:
+            ewc.update(system, [collate_episodes(eps, pad_id)[0]])
+    for j in range(i + 1):
+        acc, loss, n = evaluate(system, data[j][1], pad_id)
+        A[i][j], L[i][j], C[i][j] = acc, loss, n
+    seen = [A[i][j] for j in range(i + 1)]
+    emit({"phase": "boundary", "step": done, "boundary": i,
+          **{f"task_acc/{cfg.tasks[j]}": A[i][j] for j in range(i + 1)},
+          **{f"task_loss/{cfg.tasks[j]}": L[i][j] for j in range(i + 1)},
+          **{f"task_tokens/{cfg.tasks[j]}": C[i][j] for j in range(i + 1)},
+          "seen_acc": sum(seen) / len(seen),
+          "seen_loss": sum(L[i][j] for j in range(i + 1)) / (i + 1)})
