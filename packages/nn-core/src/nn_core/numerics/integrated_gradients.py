@@ -338,6 +338,22 @@ def _select_cache(cache, rows: torch.Tensor):
     if layers is None:
         raise NNError("engine='kv_cache' needs a transformers Cache with .layers: use engine='full'")
     new.layers = [copy.copy(layer) for layer in layers]
+    first = int(rows[0])
+    if bool((rows == first).all()):
+        # one row repeated (all the variants of one sample): broadcast views instead of
+        # copies for the plain dynamic layers (their update concatenates, never writes in place)
+        n = rows.numel()
+        rest = []
+        for layer in new.layers:
+            if (type(layer).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer")
+                    and isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.numel()):
+                layer.keys = layer.keys[first:first + 1].expand(n, *layer.keys.shape[1:])
+                layer.values = layer.values[first:first + 1].expand(n, *layer.values.shape[1:])
+            else:
+                rest.append(layer)
+        for layer in rest:
+            layer.batch_select_indices(rows)
+        return new
     new.batch_select_indices(rows)
     return new
 
