@@ -77,3 +77,25 @@ def test_finetune_cli(tmp_path, capsys):
     assert last[("a", "l2")]["max"] == 0.0 and last[("b", "l2")]["max"] > 0
     assert main([*args[:-2], "--freeze-group", "zzz", "--out", str(tmp_path / "bad")]) == 2
     assert "freeze-group 'zzz'" in capsys.readouterr().err
+
+
+def test_full_chain_score_groups_finetune_analyze(tmp_path):
+    """score -> groups -> finetune -> analyze (with behaviour) on tiny-llama, tiny settings."""
+    sc, g, ft, an = (tmp_path / x for x in ("sc", "g", "ft", "an"))
+    assert main(["score", "tiny-llama", *SMALL, "--utility", "task:copy", "--metrics", "snip",
+                 "--store", "full", "--out", str(sc)]) == 0
+    assert main(["groups", str(sc), "--method", "set-diff,snip-top,random", "--k", "5",
+                 "--q", "20", "--p", "10", "--out", str(g)]) == 0
+    assert main(["finetune", "tiny-llama", "task:copy", "--groups", str(g), "--max-steps", "2",
+                 "--track-every", "1", "--batch-size", "2", "--max-length", "160",
+                 "--n-samples", "4", "--lr", "0.05", "--out", str(ft)]) == 0
+    assert main(["analyze", str(ft), "--n-boot", "50", "--behaviour", "--n-eval", "2",
+                 "--out", str(an)]) == 0
+    stats = json.loads((an / "statistics.json").read_text())
+    assert set(stats["groups"]) == {"set-diff", "snip-top"}
+    r = stats["groups"]["set-diff"]["relative"]["2"]
+    assert r["verdict"] in ("H1", "H2", "less", "inconclusive") and r["n"] > 1
+    assert 0 <= stats["behaviour"]["after"]["refusal"]["rate"] <= 1
+    assert stats["behaviour"]["before"]["utility"]["nll"] > 0
+    assert (an / "drift_relative.png").stat().st_size > 1000
+    assert "| set-diff | relative | 2 |" in (an / "report.md").read_text()

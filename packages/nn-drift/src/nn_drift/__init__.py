@@ -22,6 +22,9 @@ _EXPORTS = {
     "groups": ["make_groups", "neuron_scores", "summary", "top_neurons", "top_weights"],
     "drift": ["DriftTracker", "FreezeRows", "load_groups", "member_metrics", "read_drift"],
     "finetune": ["block_linear_targets", "finetune_with_drift"],
+    "analysis": ["bootstrap_ci", "cohens_d", "compare", "mann_whitney_p", "verdict",
+                 "write_analysis"],
+    "behaviour": ["refusal_eval", "utility_eval"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -42,6 +45,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers see the real names
+    from nn_drift.analysis import (  # noqa: F401
+        bootstrap_ci,
+        cohens_d,
+        compare,
+        mann_whitney_p,
+        verdict,
+        write_analysis,
+    )
+    from nn_drift.behaviour import refusal_eval, utility_eval  # noqa: F401
     from nn_drift.data import (  # noqa: F401
         UTILITY_TASKS,
         embedded_records,

@@ -4,6 +4,7 @@
                 [--store top|full] [--top-percent P] [--out DIR]
     nn-drift groups SCORES --method snip-top|set-diff|utility-top|random [...] [--out DIR]
     nn-drift finetune MODEL [DATA] --groups G... [--track-every N] [--freeze-group G] [--out DIR]
+    nn-drift analyze RUN_DIR [--baseline random] [--steps S,...] [--behaviour] [--out DIR]
 
 Bad input exits 2 with one line on stderr; outputs are written atomically.
 """
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(PROG, "Find the weights and neurons that matter for safety but not for "
                          "utility, and measure how far they drift under fine-tuning.", EPILOG)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from nn_drift.cli_analyze import add_analyze_command
     from nn_drift.cli_finetune import add_finetune_command
     from nn_drift.cli_groups import add_groups_command
     from nn_drift.cli_score import add_score_command
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_score_command(sub)
     add_groups_command(sub)
     add_finetune_command(sub)
+    add_analyze_command(sub)
     return parser
 
 

@@ -40,6 +40,7 @@ from nn_core.errors import NNError
 METRICS = ("cosine", "l2", "relative")
 DRIFT_LOG = "drift.jsonl"
 INIT_FILE = "drift_init.safetensors"
+MEMBERS_DIR = "drift_members"  # step-XXXXXXXX.safetensors: per-member values, "<group>/<metric>"
 
 
 def _callback_base():
@@ -142,13 +143,15 @@ class DriftTracker(_callback_base()):
     rows after the resumed step are dropped before new ones are appended, so the log of a
     resumed run equals an uninterrupted one's."""
 
-    def __init__(self, model: nn.Module, groups: Mapping, folder: str | Path, *, every: int = 10):
+    def __init__(self, model: nn.Module, groups: Mapping, folder: str | Path, *, every: int = 10,
+                 save_members: bool = True):
         if every < 1:
             raise NNError(f"--track-every must be at least 1, got {every}")
         if not groups:
             raise NNError("no groups to track: pass --groups")
         self.folder = Path(folder)
         self.every = int(every)
+        self.save_members = bool(save_members)
         self.tracked = {name: _Tracked(model, g) for name, g in groups.items()}
         self.members = {name: t.members() for name, t in self.tracked.items()}
         self.init: dict[str, torch.Tensor] | None = None
@@ -189,6 +192,9 @@ class DriftTracker(_callback_base()):
         from nn_core.io import atomic_write_text
 
         atomic_write_text(log, "".join(k + "\n" for k in keep))
+        for f in sorted((self.folder / MEMBERS_DIR).glob("step-*.safetensors")):
+            if int(f.stem.split("-")[1]) > step:
+                f.unlink()
 
     # ---------------------------------------------------------------- measuring
     def measure(self, step: int) -> list[dict]:
@@ -196,12 +202,23 @@ class DriftTracker(_callback_base()):
         if self.init is None:
             self.capture_initial()
         rows = []
+        members = {}
         for name, t in self.tracked.items():
             cur = torch.cat(t.read(self.model)) if t.parts else torch.zeros(0)
-            per = member_metrics(cur, self.init[name], self.members[name], t.n_members)
+            per = members[name] = member_metrics(cur, self.init[name], self.members[name],
+                                                 t.n_members)
             for metric in METRICS:
                 rows.append({"step": int(step), "group": name, "metric": metric,
                              **_stats(per[metric])})
+        if self.save_members:
+            from safetensors.torch import save_file
+
+            from nn_core.io import atomic_path
+
+            (self.folder / MEMBERS_DIR).mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.folder / MEMBERS_DIR / f"step-{int(step):08d}.safetensors") as tmp:
+                save_file({f"{n}/{m}": v.float().contiguous() for n, per in members.items()
+                           for m, v in per.items()}, str(tmp))
         with (self.folder / DRIFT_LOG).open("a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
@@ -229,6 +246,26 @@ class DriftTracker(_callback_base()):
     def on_train_end(self, args, state, control, **kwargs):
         if state.global_step != self.last_step:
             self.measure(state.global_step)
+
+
+def read_members(folder: str | Path, step: int) -> dict[str, dict[str, torch.Tensor]]:
+    """``{group: {metric: per-member values}}`` saved at ``step``."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / MEMBERS_DIR / f"step-{int(step):08d}.safetensors"
+    if not path.is_file():
+        raise NNError(f"no per-member drift values for step {step} in '{folder}': pick a logged step")
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in load_file(str(path)).items():
+        group, _, metric = key.rpartition("/")
+        out.setdefault(group, {})[metric] = v
+    return out
+
+
+def member_steps(folder: str | Path) -> list[int]:
+    """Steps with saved per-member values."""
+    return sorted(int(f.stem.split("-")[1])
+                  for f in (Path(folder) / MEMBERS_DIR).glob("step-*.safetensors"))
 
 
 def read_drift(folder: str | Path) -> list[dict]:

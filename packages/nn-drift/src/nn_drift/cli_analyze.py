@@ -1,0 +1,80 @@
+"""``nn-drift analyze``: statistics, plots and verdicts of a drift run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from nn_core.run.cli import add_common_args, args_config
+from nn_drift.cli_score import _positive
+
+TOOL = "nn-drift analyze"
+
+
+def _analyze(args) -> int:
+    from nn_core.io import atomic_dir, check_output_dir
+    from nn_core.run.manifest import write_manifest
+    from nn_drift.analysis import write_analysis
+
+    out = check_output_dir(args.out or f"{str(args.run).rstrip('/')}-analysis", tool=TOOL,
+                           overwrite=args.overwrite)
+    t0 = time.perf_counter()
+    steps = [int(s) for s in args.steps.split(",")] if args.steps else None
+    with atomic_dir(out, tool=TOOL, overwrite=args.overwrite) as tmp:
+        stats = write_analysis(args.run, tmp, baseline=args.baseline, steps=steps,
+                               n_boot=args.n_boot, seed=args.seed)
+        if args.behaviour:
+            stats["behaviour"] = _behaviour(args)
+            (tmp / "statistics.json").write_text(json.dumps(stats, indent=2))
+            with (tmp / "report.md").open("a") as f:
+                f.write("\n## Behaviour\n\n| | refusal rate | utility NLL |\n|---|---|---|\n")
+                for k, v in stats["behaviour"].items():
+                    f.write(f"| {k} | {v['refusal']['rate']:.2f} ({v['refusal']['refusals']}/"
+                            f"{v['refusal']['n']}) | {v['utility']['nll']:.4f} |\n")
+        write_manifest(tmp, config=args_config(args), phases={"analyze": time.perf_counter() - t0},
+                       tool=TOOL, extra={"run": str(args.run)})
+    print((out / "report.md").read_text())
+    print(f"wrote {out}")
+    return 0
+
+
+def _behaviour(args) -> dict:
+    """Refusal rate and utility loss of the run's base model and of base + adapter."""
+    from nn_core.errors import NNError
+    from nn_core.model.loading import load_model
+    from nn_drift.behaviour import refusal_eval, utility_eval
+    from nn_drift.data import SAFETY_HELDOUT, load_examples
+
+    manifest = json.loads((Path(args.run) / "manifest.json").read_text()) \
+        if (Path(args.run) / "manifest.json").is_file() else {}
+    spec = args.model or (manifest.get("model") or {}).get("id")
+    if not spec:
+        raise NNError("cannot tell the run's base model: pass --model")
+    harmful = load_examples(SAFETY_HELDOUT, limit=args.n_eval)
+    utility = load_examples("utility", limit=args.n_eval, seed=args.seed + 1)
+    model, tok = load_model(spec, device=args.device, dtype=args.dtype, seed=args.seed)
+    before = {"refusal": refusal_eval(model, tok, harmful), "utility": utility_eval(model, tok, utility)}
+    from peft import PeftModel
+
+    tuned = PeftModel.from_pretrained(model, str(Path(args.run) / "adapter"))
+    after = {"refusal": refusal_eval(tuned, tok, harmful), "utility": utility_eval(tuned, tok, utility)}
+    return {"before": before, "after": after}
+
+
+def add_analyze_command(sub) -> None:
+    s = sub.add_parser("analyze", help="drift statistics (Cohen's d, bootstrap CI, Mann-Whitney), "
+                       "plots and verdicts of a finetune run",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("run", metavar="RUN_DIR", help="a folder written by nn-drift finetune")
+    s.add_argument("--baseline", default="random", help="the group every other is compared with")
+    s.add_argument("--steps", default=None, help="comma-separated logged steps (default: the last)")
+    s.add_argument("--n-boot", type=_positive, default=1000, help="bootstrap resamples")
+    s.add_argument("--behaviour", action="store_true",
+                   help="also measure refusal rate (held-out harmful prompts) and utility NLL "
+                        "before and after fine-tuning")
+    s.add_argument("--model", default=None, help="base model of the run (default: from its manifest)")
+    s.add_argument("--n-eval", type=_positive, default=20, help="examples per behaviour measurement")
+    add_common_args(s, model=False, defaults={"out": None})
+    s.set_defaults(func=_analyze)
