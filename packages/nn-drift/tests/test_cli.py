@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from nn_drift.cli import main
 from nn_drift.scores import load_scores
 
@@ -99,3 +101,17 @@ def test_full_chain_score_groups_finetune_analyze(tmp_path):
     assert stats["behaviour"]["before"]["utility"]["nll"] > 0
     assert (an / "drift_relative.png").stat().st_size > 1000
     assert "| set-diff | relative | 2 |" in (an / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_run_cli_tiny(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "tiny-llama", "--align", "yes", "--align-steps", "2", "--n-score", "3",
+                 "--finetune-steps", "2", "--track-every", "1", "--batch-size", "2",
+                 "--max-length", "160", "--n-eval", "2", "--n-boot", "20", "--k", "5",
+                 "--q", "20", "--out", str(out)]) == 0
+    summ = json.loads((out / "summary.json").read_text())
+    assert summ["aligned"] and set(summ["behaviour"]) == {"original", "aligned", "finetuned"}
+    assert set(summ["statistics"]["groups"]) == {"set-diff", "snip-top", "utility-top"}
+    assert (out / "finetune" / "drift.jsonl").is_file()
+    assert "verdict" in capsys.readouterr().out

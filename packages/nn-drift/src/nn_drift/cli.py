@@ -5,6 +5,7 @@
     nn-drift groups SCORES --method snip-top|set-diff|utility-top|random [...] [--out DIR]
     nn-drift finetune MODEL [DATA] --groups G... [--track-every N] [--freeze-group G] [--out DIR]
     nn-drift analyze RUN_DIR [--baseline random] [--steps S,...] [--behaviour] [--out DIR]
+    nn-drift run [MODEL] [--no-align] [--align-steps N] [--finetune-steps N] [--out DIR]
 
 Bad input exits 2 with one line on stderr; outputs are written atomically.
 """
@@ -31,12 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     from nn_drift.cli_analyze import add_analyze_command
     from nn_drift.cli_finetune import add_finetune_command
     from nn_drift.cli_groups import add_groups_command
+    from nn_drift.cli_run import add_run_command
     from nn_drift.cli_score import add_score_command
 
     add_score_command(sub)
     add_groups_command(sub)
     add_finetune_command(sub)
     add_analyze_command(sub)
+    add_run_command(sub)
     return parser
 
 
