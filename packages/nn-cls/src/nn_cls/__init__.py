@@ -6,6 +6,10 @@ the residual stream of a pretrained causal LM (:class:`CLSSystem`, through
 to a reservoir replay buffer (:class:`ReplayBuffer`) with the teacher's sparse top-k
 log-probabilities from the same forward; sleep consolidates them into the base (LoRA) by
 sparse-teacher distillation plus online EWC, and refreshes consolidated experts.
+:func:`run_stream` runs a method over a task stream (with complete checkpoints and exact
+resume); ``nn-cls train`` / ``nn-cls suite`` (:mod:`nn_cls.cli`) are its Hydra apps
+(:mod:`nn_cls.config`), logging to ``metrics.jsonl`` and optionally W&B
+(:mod:`nn_cls.tracking`). See ``docs/nn-cls.md``.
 
 Public names are resolved lazily (PEP 562).
 """
@@ -20,7 +24,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "hippocampus": ["Hippocampus", "HippocampusConfig"],
     "system": ["CLSSystem", "injection_layer"],
-    "engine": ["METHODS", "EngineConfig", "run_stream"],
+    "engine": ["CHECKPOINT_KEYS", "METHODS", "EngineConfig", "config_hash", "load_checkpoint", "run_stream"],
+    "config": ["TrainConfig", "SuiteConfig", "compose", "to_engine"],
+    "tracking": ["MetricsLogger"],
+    "app": ["run_suite", "run_train"],
     "phases": ["OnlineEWC", "SchedulerConfig", "SleepScheduler", "agreement", "probe_forgetting",
                "refresh", "sleep_step", "wake_step"],
     "replay": ["Episode", "ReplayBuffer", "collate_episodes", "episodes_from_batch", "full_logits_bytes"],
@@ -28,7 +35,10 @@ _EXPORTS = {
 __all__ = [  # noqa: RUF022 (grouped by submodule)
     "Hippocampus", "HippocampusConfig",
     "CLSSystem", "injection_layer",
-    "METHODS", "EngineConfig", "run_stream",
+    "CHECKPOINT_KEYS", "METHODS", "EngineConfig", "config_hash", "load_checkpoint", "run_stream",
+    "TrainConfig", "SuiteConfig", "compose", "to_engine",
+    "MetricsLogger",
+    "run_suite", "run_train",
     "OnlineEWC", "SchedulerConfig", "SleepScheduler", "agreement", "probe_forgetting",
     "refresh", "sleep_step", "wake_step",
     "Episode", "ReplayBuffer", "collate_episodes", "episodes_from_batch", "full_logits_bytes",
@@ -36,7 +46,16 @@ __all__ = [  # noqa: RUF022 (grouped by submodule)
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 
 if TYPE_CHECKING:
-    from nn_cls.engine import METHODS, EngineConfig, run_stream
+    from nn_cls.app import run_suite, run_train
+    from nn_cls.config import SuiteConfig, TrainConfig, compose, to_engine
+    from nn_cls.engine import (
+        CHECKPOINT_KEYS,
+        METHODS,
+        EngineConfig,
+        config_hash,
+        load_checkpoint,
+        run_stream,
+    )
     from nn_cls.hippocampus import Hippocampus, HippocampusConfig
     from nn_cls.phases import (
         OnlineEWC,
@@ -56,6 +75,7 @@ if TYPE_CHECKING:
         full_logits_bytes,
     )
     from nn_cls.system import CLSSystem, injection_layer
+    from nn_cls.tracking import MetricsLogger
 
 
 def __getattr__(name: str):

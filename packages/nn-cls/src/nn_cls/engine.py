@@ -61,7 +61,7 @@ from nn_eval.continual import cl_metrics
 from nn_eval.tasks import make_split
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_KEYS", "CHECKPOINT_NAME", "METHODS", "EngineConfig",
-           "config_hash", "evaluate", "load_checkpoint", "run_stream"]
+           "check_resume", "config_hash", "evaluate", "load_checkpoint", "run_stream"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "nn-cls.checkpoint/1"
@@ -205,6 +205,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
+def check_resume(state: Mapping, cfg: EngineConfig, identity: Mapping | None = None) -> None:
+    """Refuse (one :class:`NNError` line naming the differing keys) a checkpoint written by
+    another config than ``cfg`` + ``identity``."""
+    chash = config_hash(cfg, identity)
+    if state.get("config_hash") != chash:
+        diff = _differences(state.get("config", {}), {"engine": asdict(cfg), "identity": dict(identity or {})})
+        raise NNError(f"the checkpoint was written by another config (hash {state.get('config_hash')} "
+                      f"!= {chash}; differs in {', '.join(diff[:4]) or 'unknown keys'}): resume with "
+                      "the config it was written with")
+
+
 def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str | os.PathLike | None = None,
                checkpoint_every: int = 0, resume: str | os.PathLike | Mapping | None = None,
                stop_after: int | None = None, identity: Mapping | None = None) -> dict:
@@ -228,12 +239,7 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str |
     state = None
     if resume is not None:
         state = resume if isinstance(resume, Mapping) else load_checkpoint(resume)
-        if state.get("config_hash") != chash:
-            diff = _differences(state.get("config", {}), {"engine": asdict(cfg),
-                                                          "identity": dict(identity or {})})
-            raise NNError(f"the checkpoint was written by another config (hash {state.get('config_hash')} "
-                          f"!= {chash}; differs in {', '.join(diff[:4]) or 'unknown keys'}): resume with "
-                          "the config it was written with")
+        check_resume(state, cfg, identity)
     torch.manual_seed(cfg.seed)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     data = [_features(tok, t, cfg) for t in cfg.tasks]
