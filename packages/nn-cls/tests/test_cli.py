@@ -162,3 +162,14 @@ def test_suite_tables_and_plots(tmp_path):
     for png in ("accuracy_matrix_naive.png", "accuracy_matrix_replay.png", "seen_acc.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "manifest.json").read_text())["tool"] == "nn-cls suite"
+
+
+def test_console_exit_code_and_single_stderr_line(tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "nn_cls.cli", "train", "benchmark.tasks=[uppercase]",
+                        f"hydra.run.dir={tmp_path}/h"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        "nn-cls train: error: a continual stream needs at least 2 tasks, got ['uppercase']"]

@@ -55,8 +55,6 @@ from nn_core.data.instructions import Example
 from nn_core.errors import NNError
 from nn_core.io import atomic_path
 from nn_core.numerics.loss import IGNORE_INDEX, causal_labels
-from nn_core.train.config import SFTConfig
-from nn_core.train.lora import prepare_model
 from nn_eval.continual import cl_metrics
 from nn_eval.tasks import make_split
 
@@ -240,6 +238,9 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str |
     if resume is not None:
         state = resume if isinstance(resume, Mapping) else load_checkpoint(resume)
         check_resume(state, cfg, identity)
+    from nn_core.train.config import SFTConfig  # peft is imported only when a run starts
+    from nn_core.train.lora import prepare_model
+
     torch.manual_seed(cfg.seed)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     data = [_features(tok, t, cfg) for t in cfg.tasks]
