@@ -9,7 +9,7 @@ group          options (default first)                 what it sets
 ============== ====================================== =====================================
 model          smollm2_135m, tiny_llama                base LM, device, injection, LoRA
 train          default, cpu_small                      method, seed, steps, lr, checkpoints
-benchmark      synthetic, synthetic2                   the task stream (nn-eval synthetic)
+benchmark      synthetic, synthetic2, instructions     the task stream (synthetic or records)
 experts        default, small                          :class:`HippocampusConfig`
 replay         default, small                          reservoir capacity, sampling, top-k
 consolidation  default                                 sleep batch, pseudo ratio, EWC, refresh
@@ -73,10 +73,16 @@ class TrainSection:
 
 @dataclass
 class BenchmarkConfig:
-    kind: str = "synthetic"  # nn_eval.tasks synthetic tasks, generated offline
+    kind: str = "synthetic"  # synthetic (nn_eval.tasks, offline) | instructions (records with a task field)
+    # synthetic: task names; instructions: values of task_field to use, in order ([] = all, by first appearance)
     tasks: list[str] = field(default_factory=lambda: ["uppercase", "first_letters", "reverse_words"])
-    n_train: int = 64
-    n_eval: int = 16
+    n_train: int = 64  # per task
+    n_eval: int = 16  # per task
+    local_path: str | None = None  # instructions: a JSON/JSONL/CSV/Parquet file or folder
+    dataset: str | None = None  # instructions: a hub dataset owner/name[:config][@split] (nn_core.data)
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    task_field: str = "task"
 
 
 @dataclass
@@ -145,7 +151,8 @@ _GROUPS: dict[str, dict[str, object]] = {
     "train": {"default": TrainSection(),
               "cpu_small": TrainSection(steps_per_task=8, batch_size=2)},
     "benchmark": {"synthetic": BenchmarkConfig(),
-                  "synthetic2": BenchmarkConfig(tasks=["uppercase", "reverse_words"], n_train=16, n_eval=8)},
+                  "synthetic2": BenchmarkConfig(tasks=["uppercase", "reverse_words"], n_train=16, n_eval=8),
+                  "instructions": BenchmarkConfig(kind="instructions", tasks=[])},
     "experts": {"default": HippocampusConfig(), "small": HippocampusConfig(num_experts=4, expert_hidden=8)},
     "replay": {"default": ReplayConfig(), "small": ReplayConfig(capacity=32, top_k=8)},
     "consolidation": {"default": ConsolidationConfig()},
@@ -229,13 +236,28 @@ def to_engine(cfg: DictConfig | TrainConfig, *, method: str | None = None, seed:
     from nn_cls.engine import EngineConfig
 
     c = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
-    if c.benchmark.kind != "synthetic":
-        raise NNError(f"benchmark.kind '{c.benchmark.kind}' is not supported yet: use synthetic")
-    from nn_eval.tasks import TASKS
+    b = c.benchmark
+    source = None
+    tasks = tuple(b.tasks)
+    if b.kind == "synthetic":
+        from nn_eval.tasks import TASKS
 
-    unknown = [t for t in c.benchmark.tasks if t not in TASKS]
-    if unknown:
-        raise NNError(f"unknown synthetic task(s) {unknown} in benchmark.tasks: use some of {', '.join(TASKS)}")
+        unknown = [t for t in b.tasks if t not in TASKS]
+        if unknown:
+            raise NNError(f"unknown synthetic task(s) {unknown} in benchmark.tasks: use some of {', '.join(TASKS)}")
+    elif b.kind == "instructions":
+        if (b.local_path is None) == (b.dataset is None):
+            raise NNError("benchmark=instructions needs exactly one of benchmark.local_path (a file) or "
+                          "benchmark.dataset (a hub dataset name)")
+        from pathlib import Path
+
+        from nn_cls.streams import instruction_stream
+
+        source = str(Path(b.local_path).expanduser().resolve()) if b.local_path is not None else b.dataset
+        tasks = tuple(instruction_stream(source, prompt_field=b.prompt_field, response_field=b.response_field,
+                                         task_field=b.task_field, tasks=tasks or None))
+    else:
+        raise NNError(f"benchmark.kind '{b.kind}' is unknown: use synthetic or instructions")
     for name, v, lo in (("benchmark.n_train", c.benchmark.n_train, 1), ("benchmark.n_eval", c.benchmark.n_eval, 1),
                         ("train.max_length", c.train.max_length, 8), ("replay.top_k", c.replay.top_k, 1),
                         ("consolidation.sleep_batch_size", c.consolidation.sleep_batch_size, 1),
@@ -247,7 +269,8 @@ def to_engine(cfg: DictConfig | TrainConfig, *, method: str | None = None, seed:
     if c.train.stop_after is not None and c.train.stop_after < 1:
         raise NNError(f"train.stop_after must be at least 1 (or null), got {c.train.stop_after}")
     e = EngineConfig(
-        method=method or c.train.method, tasks=tuple(c.benchmark.tasks), n_train=c.benchmark.n_train,
+        method=method or c.train.method, tasks=tasks, source=source, prompt_field=b.prompt_field,
+        response_field=b.response_field, task_field=b.task_field, n_train=c.benchmark.n_train,
         n_eval=c.benchmark.n_eval, max_length=c.train.max_length, steps_per_task=c.train.steps_per_task,
         batch_size=c.train.batch_size, lr_wake=c.train.lr_wake, lr_sleep=c.train.lr_sleep,
         lora_r=c.model.lora_r, lora_targets=tuple(c.model.lora_targets), top_k=c.replay.top_k,

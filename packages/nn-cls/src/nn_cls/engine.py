@@ -48,6 +48,7 @@ from nn_cls.phases import (
     wake_step,
 )
 from nn_cls.replay import ReplayBuffer, collate_episodes
+from nn_cls.streams import instruction_stream, split_task
 from nn_cls.system import CLSSystem
 from nn_core.data.batching import collate
 from nn_core.data.chat import tokenize_examples
@@ -119,6 +120,12 @@ class EngineConfig:
     injection_fraction: float = 0.7
     head_only: bool = False
     seed: int = 0
+    #: instruction data (local path or hub name) instead of nn-eval's synthetic tasks; then
+    #: ``tasks`` names (and orders) values of ``task_field`` there (see :mod:`nn_cls.streams`)
+    source: str | None = None
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    task_field: str = "task"
     experts: HippocampusConfig = field(default_factory=HippocampusConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -131,12 +138,24 @@ class EngineConfig:
             raise NNError("steps_per_task and batch_size must be at least 1")
 
 
-def _features(tok, task: str, cfg: EngineConfig) -> tuple[list, list]:
-    split = make_split(task, cfg.n_train, cfg.n_eval, seed=cfg.seed)
+def _examples(cfg: EngineConfig) -> list[tuple[list, list]]:
+    """(train, eval) examples per task of the stream: nn-eval's synthetic split, or the
+    instruction source split by :func:`nn_cls.streams.split_task`."""
+    if cfg.source is None:
+        out = []
+        for task in cfg.tasks:
+            split = make_split(task, cfg.n_train, cfg.n_eval, seed=cfg.seed)
+            out.append(tuple([Example(prompt=f"{r['instruction']}\n{r['input']}".strip(), response=r["output"])
+                              for r in split[part]] for part in ("train", "eval")))
+        return out
+    stream = instruction_stream(cfg.source, prompt_field=cfg.prompt_field, response_field=cfg.response_field,
+                                task_field=cfg.task_field, tasks=cfg.tasks)
+    return [split_task(stream[t], cfg.n_train, cfg.n_eval, cfg.seed, t) for t in cfg.tasks]
+
+
+def _features(tok, task: str, parts: tuple[list, list], cfg: EngineConfig) -> tuple[list, list]:
     out = []
-    for part in ("train", "eval"):
-        ex = [Example(prompt=f"{r['instruction']}\n{r['input']}".strip(), response=r["output"])
-              for r in split[part]]
+    for ex in parts:
         feats = tokenize_examples(tok, ex, cfg.max_length)
         if not any(any(v != IGNORE_INDEX for v in f["labels"]) for f in feats):
             raise NNError(f"task '{task}' has no supervised tokens after tokenization: raise max_length")
@@ -243,7 +262,7 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str |
 
     torch.manual_seed(cfg.seed)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    data = [_features(tok, t, cfg) for t in cfg.tasks]
+    data = [_features(tok, t, p, cfg) for t, p in zip(cfg.tasks, _examples(cfg), strict=True)]
     for p in model.parameters():
         p.requires_grad_(False)
     system = CLSSystem(model, cfg.experts, injection_fraction=cfg.injection_fraction,

@@ -108,3 +108,16 @@ def _records_for(spec: str | Path, suffixes: Sequence[str], limit: int | None) -
         if limit is not None and len(rows) >= limit:
             break
     return src, rows
+
+
+def load_records(spec: str | Path, limit: int | None = None) -> list:
+    """The raw records (objects, or strings) of ``spec``: a local JSON/JSONL/CSV/Parquet
+    file, a folder of them, or a hub dataset ``owner/name[:config][@split]`` (through
+    ``datasets``); ``limit`` keeps the first records. For callers that need fields beyond
+    an instruction's prompt and response (e.g. a task label)."""
+    from nn_core.data.specs import RECORD_SUFFIXES
+
+    if limit is not None and limit < 1:
+        raise NNError(f"limit must be at least 1, got {limit}")
+    _, rows = _records_for(spec, RECORD_SUFFIXES, limit)
+    return rows[:limit] if limit is not None else rows
