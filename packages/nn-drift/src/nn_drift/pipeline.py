@@ -43,10 +43,14 @@ class RunSettings:
     phases: dict = field(default_factory=dict)
 
 
-def _stage(model, tok, harmful, utility) -> dict:
+def _stage(model, tok, harmful, utility, name: str, log=print) -> dict:
     from nn_drift.behaviour import refusal_eval, utility_eval
 
-    return {"refusal": refusal_eval(model, tok, harmful), "utility": utility_eval(model, tok, utility)}
+    out = {"refusal": refusal_eval(model, tok, harmful), "utility": utility_eval(model, tok, utility)}
+    r = out["refusal"]
+    log(f"{name}: refusal rate {r['rate']:.2f} ({r['refusals']}/{r['n']}), utility NLL "
+        f"{out['utility']['nll']:.4f}")
+    return out
 
 
 def run_pipeline(s: RunSettings, out: Path, *, log=print) -> dict:
@@ -73,7 +77,7 @@ def run_pipeline(s: RunSettings, out: Path, *, log=print) -> dict:
     harmful = load_examples(SAFETY_HELDOUT, limit=s.n_eval)
     util_eval = load_examples("utility", limit=s.n_eval, seed=s.seed + 1)
     model, tok = load_model(s.model, device=s.device, dtype=s.dtype, seed=s.seed)
-    behaviour = {"original": _stage(model, tok, harmful, util_eval)}
+    behaviour = {"original": _stage(model, tok, harmful, util_eval, "original", log)}
     phase("measure original")
     rate = behaviour["original"]["refusal"]["rate"]
     do_align = s.align == "yes" or (s.align == "auto" and rate < s.align_threshold)
@@ -88,7 +92,7 @@ def run_pipeline(s: RunSettings, out: Path, *, log=print) -> dict:
                         logging_steps=10)
         res = train(build_trainer(model, tok, mix, cfg), cfg, resume=False, model_spec=s.model)
         model = copy.deepcopy(res.model).merge_and_unload()
-        behaviour["aligned"] = _stage(model, tok, harmful, util_eval)
+        behaviour["aligned"] = _stage(model, tok, harmful, util_eval, "aligned", log)
         phase("align")
     data = {"safety": response_batches(tok, load_examples(SAFETY, limit=s.n_score),
                                        batch_size=s.batch_size, max_length=s.max_length),
@@ -113,7 +117,7 @@ def run_pipeline(s: RunSettings, out: Path, *, log=print) -> dict:
     result, _ = finetune_with_drift(model, tok, benign, groups, ft_cfg, track_every=s.track_every,
                                     resume=False, model_spec=s.model)
     phase("finetune")
-    behaviour["finetuned"] = _stage(result.model, tok, harmful, util_eval)
+    behaviour["finetuned"] = _stage(result.model, tok, harmful, util_eval, "finetuned", log)
     phase("measure finetuned")
     (out / "analysis").mkdir()
     stats = write_analysis(out / "finetune", out / "analysis", n_boot=s.n_boot, seed=s.seed)
