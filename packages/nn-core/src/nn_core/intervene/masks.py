@@ -172,6 +172,10 @@ def down_proj_weight_mask(model: nn.Module, neurons: NeuronSet, mode: str = "pre
     trainable: dict[str, torch.Tensor] = {}
     for layer in neurons.covered_layers(ad.num_layers):
         w = ad.down_weight(layer)
+        if id(w) not in names:  # e.g. a split (surgery) down-projection assembles its weight
+            raise NNError(f"the down-projection of layer {layer} has no plain weight parameter "
+                          f"({type(ad.down_proj(layer)).__name__}): weight masks need plain "
+                          "Linear/Conv1D layers; merge the split layers first (nn_core.merge_all)")
         sel = torch.zeros(w.shape, dtype=torch.bool)
         for site in neurons.sites:
             idx = neurons.indices(layer, site)
