@@ -43,3 +43,17 @@ def test_bad_stream():
         run_stream(EngineConfig(tasks=("uppercase",)), None, None)
     with pytest.raises(NNError, match="unknown method"):
         run_stream(EngineConfig(method="magic"), None, None)
+
+
+def test_progress_bar_only_when_asked_or_on_a_tty(fresh_llama, capsys):
+    model, tok = fresh_llama
+    cfg = _cfg("naive")
+    cfg.steps_per_task = 1
+    run_stream(cfg, model, tok)  # pytest's stderr is not a terminal: quiet
+    assert "nn-cls naive" not in capsys.readouterr().err
+    from nn_core.model.loading import load_model
+
+    model, tok = load_model("tiny-llama", device="cpu")  # run_stream wraps the model it trains
+    run_stream(cfg, model, tok, progress=True)
+    err = capsys.readouterr().err
+    assert "nn-cls naive" in err and "2/2" in err

@@ -235,7 +235,8 @@ def check_resume(state: Mapping, cfg: EngineConfig, identity: Mapping | None = N
 
 def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str | os.PathLike | None = None,
                checkpoint_every: int = 0, resume: str | os.PathLike | Mapping | None = None,
-               stop_after: int | None = None, identity: Mapping | None = None) -> dict:
+               stop_after: int | None = None, identity: Mapping | None = None,
+               progress: bool | None = None) -> dict:
     """Run ``cfg.method`` over ``cfg.tasks``; returns A, L, counts, ``cl_metrics`` and history.
 
     The stream is ``len(cfg.tasks) · cfg.steps_per_task`` wake steps; after step ``s`` (1-based
@@ -247,6 +248,9 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str |
     ``resume`` (a checkpoint path, run folder or loaded state) continues exactly where it
     stopped: a resumed run reproduces the uninterrupted one. A checkpoint whose config hash
     (:func:`config_hash` of ``cfg`` and ``identity``) differs is refused.
+
+    ``progress``: a tqdm bar over the wake steps on stderr (task, wake loss); ``None`` shows
+    it only when stderr is a terminal.
     """
     cfg.check()
     if checkpoint_every < 0:
@@ -366,6 +370,7 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str |
         sched.slept()
 
     stopped = False
+    bar = _bar(total, start, cfg.method, progress)
     try:
         for s in range(start, total):
             i = s // cfg.steps_per_task
@@ -385,6 +390,8 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str |
             m["novelty"] = sched.observe_wake(m["wake_loss"])
             m["replay_size"] = len(replay)
             emit({"phase": "wake", "step": s, "task": cfg.tasks[i], **m})
+            bar.update(1)
+            bar.set_postfix(task=cfg.tasks[i], loss=f"{m['wake_loss']:.3f}", refresh=False)
             done = s + 1
             if parts["sleep"]:
                 d = sched.decide(saturation=sched.saturation(system) if parts["hippocampus"] else 0.0,
@@ -402,6 +409,7 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str |
                 stopped = True
                 break
     finally:
+        bar.close()
         system.close()
     metrics = cl_metrics(A, L, counts=C, tasks=list(cfg.tasks)) if not stopped else None
     ck = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
@@ -409,6 +417,16 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str |
             "replay_bytes": replay.nbytes(), "replay_episodes": len(replay), "stopped": stopped,
             "step": min(stop_after, total) if stopped else total, "total_steps": total,
             "config_hash": chash, "checkpoint": str(ck) if ck is not None and ck.exists() else None}
+
+
+def _bar(total: int, start: int, method: str, progress: bool | None):
+    import sys
+
+    from tqdm.auto import tqdm
+
+    disable = (not sys.stderr.isatty()) if progress is None else not progress
+    return tqdm(total=total, initial=start, desc=f"nn-cls {method}", unit="step", disable=disable,
+                file=sys.stderr, leave=False)
 
 
 def _boundary(cfg, system, data, i, parts, ewc, replay, pad_id, do_sleep, emit, A, L, C, done) -> None:
