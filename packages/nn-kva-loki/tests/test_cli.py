@@ -69,3 +69,30 @@ def test_usage_errors_exit_2(kva):
     assert main(["select", str(kva)]) == 2  # --quota is required
     assert main(["select", str(kva), "--quota", "5", "--chunk-size", "0"]) == 2
     assert main(["--help"]) == 0
+
+
+def test_select_out_rules(tmp_path, kva, capsys):
+    """--out is replaced only when it is a previous select output; a user's file or folder
+    is refused before any work and left as it was, unless --overwrite."""
+    mine = tmp_path / "notes.txt"
+    mine.write_text("keep me")
+    assert main(["select", str(kva), "--quota", "25", "--out", str(mine)]) == 2
+    assert mine.read_text() == "keep me"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0]
+
+    out = tmp_path / "sel"
+    assert main(["select", str(kva), "--quota", "25", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tool"] == "nn-kva-loki select"
+    assert main(["select", str(kva), "--quota", "50", "--out", str(out)]) == 0  # its own output
+    assert NeuronSet.load(out / "neurons.json").meta["parameters"]["quota"] == 50.0
+    assert not [p for p in tmp_path.iterdir() if ".nn-tmp-" in p.name]  # no temp folder left
+
+    folder = tmp_path / "user"
+    folder.mkdir()
+    (folder / "data.csv").write_text("x")
+    assert main(["select", str(kva), "--quota", "25", "--out", str(folder)]) == 2
+    assert (folder / "data.csv").read_text() == "x"
+    assert main(["select", str(kva), "--quota", "25", "--out", str(folder), "--overwrite"]) == 0
+    assert (folder / "neurons.json").is_file()

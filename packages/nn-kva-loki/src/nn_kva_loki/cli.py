@@ -60,23 +60,29 @@ def default_out(kva: str, strategy: str, score: str, quota: float) -> Path:
 
 # --------------------------------------------------------------------------- commands
 def _select(args) -> int:
+    from nn_core.io import atomic_dir, check_output_dir
     from nn_core.run.manifest import write_manifest
     from nn_kva_loki.select import select_channels
 
+    tool = f"{PROG} select"
+    out = Path(args.out) if args.out else default_out(args.kva, args.strategy, args.score, args.quota)
+    check_output_dir(out, tool=tool, overwrite=args.overwrite)  # before any work
     t0 = time.perf_counter()
     sel = select_channels(args.kva, args.quota, strategy=args.strategy, score=args.score,
                           chunk_size=args.chunk_size, allow_incomplete=args.allow_incomplete)
     select_s = time.perf_counter() - t0
-    out = Path(args.out) if args.out else default_out(args.kva, args.strategy, args.score, args.quota)
     t1 = time.perf_counter()
-    paths = sel.save(out, plot=args.plot)
-    write_manifest(out, config=args_config(args), phases={"select": select_s, "write": time.perf_counter() - t1},
-                   extra={"kva": str(args.kva), "num_samples": sel.num_samples, "k": sel.k,
-                          "selected": len(sel.neuronset), "parameters": sel.parameters})
+    # selection, positions and manifest land together in one rename
+    with atomic_dir(out, tool=tool, overwrite=args.overwrite) as tmp:
+        paths = sel.save(tmp, plot=args.plot)
+        write_manifest(tmp, config=args_config(args), tool=tool,
+                       phases={"select": select_s, "write": time.perf_counter() - t1},
+                       extra={"kva": str(args.kva), "num_samples": sel.num_samples, "k": sel.k,
+                              "selected": len(sel.neuronset), "parameters": sel.parameters})
     print(sel.summary())
     for name in ("neurons", "positions", "plot"):
         if name in paths:
-            print(f"wrote {paths[name]}")
+            print(f"wrote {out / Path(paths[name]).name}")
     return 0
 
 
@@ -106,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="select from an interrupted KVA file's complete samples")
     s.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default: next to KVA.h5, named after it and the settings)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace --out even when it is not a previous output of this command")
     s.add_argument("--config", metavar="FILE.yaml", default=None,
                    help="YAML file of option values; flags win over it, it wins over NN_* variables")
     s.set_defaults(func=_select)
