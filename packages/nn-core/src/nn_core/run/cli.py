@@ -361,6 +361,28 @@ def error_line(prog: str, message: str) -> str:
     return f"{prog}: error: {flat}"
 
 
+def _user_error(exc: Exception) -> str:
+    """The one-line message for an error the user can fix (a bad input, path or disk)."""
+    name = getattr(exc, "filename", None) or str(exc)
+    if isinstance(exc, NNError):
+        return str(exc)
+    if isinstance(exc, UnicodeDecodeError):
+        return f"an input file is not UTF-8 text ({exc.reason} at byte {exc.start}): convert it to UTF-8"
+    if isinstance(exc, FileNotFoundError):
+        return f"file not found: {name}: check the path"
+    if isinstance(exc, IsADirectoryError):
+        return f"{name} is a folder: pass a file"
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {name}: check the path's permissions"
+    if isinstance(exc, NotADirectoryError):
+        return f"{name}: a part of this path is a file, not a folder: check the path"
+    if isinstance(exc, FileExistsError):
+        return f"{name} already exists: choose another path"
+    # any other OSError, e.g. a full disk or a read-only file system while writing output
+    where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+    return f"{where}{exc.strerror or exc}: check the path, its permissions and free space"
+
+
 def run_cli(fn: Callable[[argparse.Namespace], int | None], args: argparse.Namespace, *,
             prog: str | None = None) -> int:
     """Run ``fn(args)``; return its exit code (None -> 0). An :class:`NNError` or a
@@ -369,36 +391,8 @@ def run_cli(fn: Callable[[argparse.Namespace], int | None], args: argparse.Names
     prog = prog or Path(sys.argv[0]).name or "nn"
     try:
         code = fn(args)
-    except NNError as exc:
-        print(error_line(prog, str(exc)), file=sys.stderr)
-        return EXIT_USAGE
-    except FileNotFoundError as exc:
-        name = exc.filename or str(exc)
-        print(error_line(prog, f"file not found: {name}: check the path"), file=sys.stderr)
-        return EXIT_USAGE
-    except IsADirectoryError as exc:
-        print(error_line(prog, f"{exc.filename or exc} is a folder: pass a file"), file=sys.stderr)
-        return EXIT_USAGE
-    except PermissionError as exc:
-        print(error_line(prog, f"permission denied: {exc.filename or exc}: check the path's permissions"),
-              file=sys.stderr)
-        return EXIT_USAGE
-    except NotADirectoryError as exc:
-        print(error_line(prog, f"{exc.filename or exc}: a part of this path is a file, not a folder: "
-                               "check the path"), file=sys.stderr)
-        return EXIT_USAGE
-    except FileExistsError as exc:
-        print(error_line(prog, f"{exc.filename or exc} already exists: choose another path"),
-              file=sys.stderr)
-        return EXIT_USAGE
-    except UnicodeDecodeError as exc:
-        print(error_line(prog, f"an input file is not UTF-8 text ({exc.reason} at byte {exc.start}): "
-                               "convert it to UTF-8"), file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as exc:  # e.g. a full disk or a read-only file system while writing output
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(error_line(prog, f"{where}{exc.strerror or exc}: check the path, its permissions and "
-                               "free space"), file=sys.stderr)
+    except (NNError, OSError, UnicodeDecodeError) as exc:
+        print(error_line(prog, _user_error(exc)), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(error_line(prog, "interrupted by the user"), file=sys.stderr)
