@@ -16,8 +16,9 @@ Public names are resolved lazily (PEP 562).
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from nn_core.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -32,23 +33,12 @@ _EXPORTS = {
                "refresh", "sleep_step", "wake_step"],
     "replay": ["Episode", "ReplayBuffer", "collate_episodes", "episodes_from_batch", "full_logits_bytes"],
 }
-__all__ = [  # noqa: RUF022 (grouped by submodule)
-    "Hippocampus", "HippocampusConfig",
-    "CLSSystem", "injection_layer",
-    "CHECKPOINT_KEYS", "METHODS", "EngineConfig", "config_hash", "load_checkpoint", "run_stream",
-    "TrainConfig", "SuiteConfig", "compose", "to_engine",
-    "MetricsLogger",
-    "run_suite", "run_train",
-    "OnlineEWC", "SchedulerConfig", "SleepScheduler", "agreement", "probe_forgetting",
-    "refresh", "sleep_step", "wake_step",
-    "Episode", "ReplayBuffer", "collate_episodes", "episodes_from_batch", "full_logits_bytes",
-]
-_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:
-    from nn_cls.app import run_suite, run_train
-    from nn_cls.config import SuiteConfig, TrainConfig, compose, to_engine
-    from nn_cls.engine import (
+    from nn_cls.app import run_suite, run_train  # noqa: F401
+    from nn_cls.config import SuiteConfig, TrainConfig, compose, to_engine  # noqa: F401
+    from nn_cls.engine import (  # noqa: F401
         CHECKPOINT_KEYS,
         METHODS,
         EngineConfig,
@@ -56,8 +46,8 @@ if TYPE_CHECKING:
         load_checkpoint,
         run_stream,
     )
-    from nn_cls.hippocampus import Hippocampus, HippocampusConfig
-    from nn_cls.phases import (
+    from nn_cls.hippocampus import Hippocampus, HippocampusConfig  # noqa: F401
+    from nn_cls.phases import (  # noqa: F401
         OnlineEWC,
         SchedulerConfig,
         SleepScheduler,
@@ -67,25 +57,14 @@ if TYPE_CHECKING:
         sleep_step,
         wake_step,
     )
-    from nn_cls.replay import (
+    from nn_cls.replay import (  # noqa: F401
         Episode,
         ReplayBuffer,
         collate_episodes,
         episodes_from_batch,
         full_logits_bytes,
     )
-    from nn_cls.system import CLSSystem, injection_layer
-    from nn_cls.tracking import MetricsLogger
+    from nn_cls.system import CLSSystem, injection_layer  # noqa: F401
+    from nn_cls.tracking import MetricsLogger  # noqa: F401
 
 
-def __getattr__(name: str):
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'nn_cls' has no attribute '{name}'")
-    value = getattr(importlib.import_module(f"nn_cls.{mod}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))

@@ -7,8 +7,9 @@ are exported here. They are resolved lazily (PEP 562) so that ``import nn_core.c
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from nn_core.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -37,22 +38,7 @@ _EXPORTS = {
     "select.weightset": ["WeightSet"],
     "train": ["SFTConfig", "WeightMaskCallback", "base_model", "build_trainer", "prepare_model", "train"],
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'nn_core' has no attribute '{name}'")
-    value = getattr(importlib.import_module(f"nn_core.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:  # static analysers see the real names

@@ -10,8 +10,9 @@ Public names are resolved lazily (PEP 562), so ``nn-drift --help`` stays fast.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from nn_core.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -26,22 +27,7 @@ _EXPORTS = {
                  "write_analysis"],
     "behaviour": ["refusal_eval", "utility_eval"],
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'nn_drift' has no attribute '{name}'")
-    value = getattr(importlib.import_module(f"nn_drift.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:  # static analysers see the real names

@@ -14,8 +14,9 @@ h5py or numpy.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from nn_core.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -31,22 +32,7 @@ _EXPORTS = {
     "select": ["SCORES", "STRATEGIES", "Selection", "per_layer_k", "plot_frequencies",
                "select_channels", "select_from_arrays"],
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'nn_kva_loki' has no attribute '{name}'")
-    value = getattr(importlib.import_module(f"nn_kva_loki.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:  # static analysers see the real names
