@@ -74,7 +74,19 @@ def _analyse(args) -> int:
                        extra={**summary, "kva": KVA_NAME, "dataset": label}, tool=tool)
         print(summary_line(summary))
         print(f"wrote {out / KVA_NAME}")
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """The command owns its process: end the process group before exit, all ranks
+    together, so no rank exits while gloo's threads still run (which aborted a rank now
+    and then with 'terminate called without an active exception')."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def add_analyse_command(sub) -> argparse.ArgumentParser:
