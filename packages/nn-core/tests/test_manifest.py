@@ -121,6 +121,14 @@ def test_secret_names():
         assert is_secret_name(name), name
     for name in ("max_tokens", "tokenizer", "n_tokens", "model", "layers", "HF_HOME", "author"):
         assert not is_secret_name(name), name
+    # vocabulary and data names that merely contain the word
+    for name in ("pad_token", "eos_token", "first_token", "target_token", "prompt_key",
+                 "response_key", "sort_key"):
+        assert not is_secret_name(name), name
+    # ... while the same word after a credential-ish qualifier still is one
+    for name in ("access_token", "auth_token", "hub_token", "secret_key", "private_key",
+                 "WANDB_API_KEY", "token_pad"):
+        assert is_secret_name(name), name
     sha = "a" * 40
     assert scrub({"revision": sha}) == {"revision": sha}  # a git SHA is not a secret
 

@@ -42,16 +42,35 @@ _SECRET_PARTS = {"token", "key", "secret", "password", "passwd", "apikey", "auth
 _SECRET_SHAPES = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|api_org_[A-Za-z0-9]{20,}|[0-9a-f]{40})\b")
 
 
+# A "token" or "key" word right after one of these names vocabulary or data, not a
+# credential: pad_token, eos_token, first_token, target_token; prompt_key, sort_key.
+_NOT_SECRET_BEFORE = {
+    "token": {"pad", "eos", "bos", "unk", "sep", "cls", "mask", "first", "last", "target",
+              "gold", "answer", "next", "special", "start", "end", "stop", "new", "prompt",
+              "response", "sample", "extra", "image", "decoder"},
+    "key": {"sort", "task", "prompt", "response", "text", "label", "labels", "field",
+            "column", "input", "output", "answer", "question", "choices", "id", "group",
+            "metric", "cache", "dict", "primary", "join"},
+}
+
+
 def is_secret_name(name: str) -> bool:
     """Whether a config key, flag or environment variable name marks a secret.
 
     The name is split into words (``_``, ``-``, ``.`` and camelCase boundaries); it is a
     secret when a word is one of the secret words or ends in ``token``/``key`` (``hfToken``,
-    ``apikey``). Counting words such as ``max_tokens`` or ``tokenizer`` are not secrets.
+    ``apikey``). Counting words such as ``max_tokens`` or ``tokenizer`` are not secrets,
+    and neither is ``token``/``key`` right after a word that makes it vocabulary or data
+    (``pad_token``, ``first_token``, ``prompt_key``; see ``_NOT_SECRET_BEFORE``).
     """
     spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
     words = [w.lower() for w in re.split(r"[^A-Za-z0-9]+", spaced) if w]
-    return any(w in _SECRET_PARTS or (len(w) > 5 and w.endswith(("token", "key"))) for w in words)
+    for i, w in enumerate(words):
+        if i and words[i - 1] in _NOT_SECRET_BEFORE.get(w, ()):
+            continue
+        if w in _SECRET_PARTS or (len(w) > 5 and w.endswith(("token", "key"))):
+            return True
+    return False
 
 
 def _secret_values() -> set[str]:
