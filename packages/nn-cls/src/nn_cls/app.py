@@ -28,6 +28,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from nn_cls.config import to_engine
+from nn_cls.distributed import launched_rank
 from nn_cls.engine import CHECKPOINT_NAME, EngineConfig, check_resume, load_checkpoint, run_stream
 from nn_cls.tracking import METRICS_NAME, MetricsLogger
 from nn_core.errors import NNError
@@ -70,25 +71,30 @@ def _train_one(cfg: DictConfig, e: EngineConfig, out: Path, *, tool: str, quiet:
     if cfg.train.resume:
         state = load_checkpoint(cfg.train.resume)
         check_resume(state, e, identity)  # before anything in out is touched
-    out.mkdir(parents=True, exist_ok=True)
+    main = launched_rank() == 0  # data parallel (accelerate launch): only rank 0 writes files
     resolved = resolved_config(cfg)
-    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
     model, tok = load_model(cfg.model.name, device=cfg.model.device)
     log = cfg.logging
     logger = MetricsLogger(out, wandb_mode=log.wandb_mode, project=log.project, run_name=log.run_name,
                            config=resolved, log_every=log.log_every,
-                           history=state["history"] if state is not None else None)
+                           history=state["history"] if state is not None else None) if main else None
     finished = False
     try:
-        res = run_stream(e, model, tok, log=logger.log, checkpoint_dir=out,
+        res = run_stream(e, model, tok, log=logger.log if main else None, checkpoint_dir=out,
                          checkpoint_every=cfg.train.checkpoint_every, resume=state,
                          stop_after=cfg.train.stop_after, identity=identity)
         finished = not res["stopped"]
-        if finished:
+        if finished and main:
             logger.summary(res["metrics"])
     finally:
-        logger.finish({"config": out / "config.yaml", "checkpoint": out / CHECKPOINT_NAME}
-                      if finished and log.artifacts else None)
+        if main:
+            logger.finish({"config": out / "config.yaml", "checkpoint": out / CHECKPOINT_NAME}
+                          if finished and log.artifacts else None)
+    if not main:
+        return res
     if finished:
         tasks = list(e.tasks)
         atomic_write_json(out / "results.json", scrub({
@@ -113,7 +119,7 @@ def _train_one(cfg: DictConfig, e: EngineConfig, out: Path, *, tool: str, quiet:
 
 
 def _check_out(out: str | Path, owned: bool, tool: str, overwrite: bool) -> Path:
-    if owned:
+    if owned and launched_rank() == 0:  # data parallel: rank 0 owns the folder
         return check_output_dir(out, tool=tool, overwrite=overwrite, flag="out",
                                 markers=(CHECKPOINT_NAME, METRICS_NAME))
     return Path(out)
@@ -149,6 +155,8 @@ def run_suite(cfg: DictConfig, out: str | Path, *, owned: bool = True) -> dict:
         results[(m, s)] = _train_one(cfg, e, out / "runs" / f"{m}-seed{s}", tool="nn-cls train", quiet=True)
         print(f"nn-cls suite: {m} seed {s}: final seen acc "
               f"{results[(m, s)]['metrics']['final_seen_acc_avg']:.4f}", file=sys.stderr)
+    if launched_rank() != 0:  # data parallel: rank 0 writes the suite's files
+        return results
     tasks = list(next(iter(engines.values())).tasks)
     summary, bounds, cells = [], [], []
     for m in methods:

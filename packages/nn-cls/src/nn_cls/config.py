@@ -69,6 +69,7 @@ class TrainSection:
     checkpoint_every: int = 0  # 0 = only at the end (and at stop_after)
     resume: str | None = None  # a checkpoint.pt or the run folder holding it
     stop_after: int | None = None  # stop (with a checkpoint) after this many wake steps
+    mixed_precision: str = "no"  # AMP: no | bf16 | fp16 (fp16 needs CUDA; bf16 also runs on CPU)
 
 
 @dataclass
@@ -280,6 +281,7 @@ def to_engine(cfg: DictConfig | TrainConfig, *, method: str | None = None, seed:
         refresh_threshold=c.consolidation.refresh_threshold, refresh_factor=c.consolidation.refresh_factor,
         probe_size=c.consolidation.probe_size, injection_fraction=c.model.injection_fraction,
         head_only=c.model.head_only, seed=c.train.seed if seed is None else seed,
+        mixed_precision=c.train.mixed_precision,
         experts=c.experts, scheduler=c.scheduler)
     e.check()
     e.experts.check()
@@ -288,6 +290,11 @@ def to_engine(cfg: DictConfig | TrainConfig, *, method: str | None = None, seed:
         raise NNError(f"consolidation.pseudo_ratio must be in [0, 1], got {e.pseudo_ratio}")
     if not 0.0 <= e.ewc_gamma <= 1.0:
         raise NNError(f"consolidation.ewc_gamma must be in [0, 1], got {e.ewc_gamma}")
+    if e.mixed_precision == "fp16":  # before any model is loaded
+        from nn_cls.distributed import check_mixed_precision
+        from nn_core.device import resolve_device
+
+        check_mixed_precision(e.mixed_precision, resolve_device(c.model.device))
     if not 0.0 <= e.injection_fraction <= 1.0:
         raise NNError(f"model.injection_fraction must be in [0, 1], got {e.injection_fraction}")
     from nn_cls.replay import SAMPLING

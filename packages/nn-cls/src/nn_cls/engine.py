@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nn_cls.distributed import MIXED_PRECISION, backward, runtime
 from nn_cls.hippocampus import HippocampusConfig
 from nn_cls.phases import (
     OnlineEWC,
@@ -80,6 +81,10 @@ CHECKPOINT_KEYS = {
     "rng": "torch global RNG, the stream's batch-sampling generator, python random",
     "A": "accuracy matrix so far", "L": "loss matrix so far", "counts": "token counts so far",
     "history": "every logged record so far",
+    "world_size": "processes of the run (resume needs as many)",
+    "ranks": "data parallel: per rank its replay buffer, RNG states and state_sha256 (the hash of "
+             "its base + hippocampus weights; equal on every rank), by rank (None in one process)",
+    "amp_scaler": "fp16 GradScaler state (None otherwise)",
 }
 
 METHODS: dict[str, dict[str, bool]] = {
@@ -120,6 +125,8 @@ class EngineConfig:
     injection_fraction: float = 0.7
     head_only: bool = False
     seed: int = 0
+    #: AMP: no | bf16 | fp16 (fp16 needs CUDA; see nn_cls.distributed)
+    mixed_precision: str = "no"
     #: instruction data (local path or hub name) instead of nn-eval's synthetic tasks; then
     #: ``tasks`` names (and orders) values of ``task_field`` there (see :mod:`nn_cls.streams`)
     source: str | None = None
@@ -136,6 +143,9 @@ class EngineConfig:
             raise NNError(f"a continual stream needs at least 2 tasks, got {list(self.tasks)}")
         if self.steps_per_task < 1 or self.batch_size < 1:
             raise NNError("steps_per_task and batch_size must be at least 1")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise NNError(f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got "
+                          f"'{self.mixed_precision}'")
 
 
 def _examples(cfg: EngineConfig) -> list[tuple[list, list]]:
@@ -164,12 +174,19 @@ def _features(tok, task: str, parts: tuple[list, list], cfg: EngineConfig) -> tu
 
 
 @torch.no_grad()
-def evaluate(system: CLSSystem, feats: list, pad_id: int, batch_size: int = 8) -> tuple[float, float, int]:
-    """(token accuracy, token-mean loss, tokens) on the supervised tokens of ``feats``."""
+def evaluate(system: CLSSystem, feats: list, pad_id: int, batch_size: int = 8, *,
+             rt=None) -> tuple[float, float, int]:
+    """(token accuracy, token-mean loss, tokens) on the supervised tokens of ``feats``.
+
+    ``rt`` (a data-parallel :class:`nn_cls.distributed.Runtime`): this rank evaluates the
+    examples ``rank, rank + N, …`` and the sums of hits, losses and tokens are all-reduced,
+    so every example counts once and every rank returns the same numbers."""
     hits = loss = 0.0
     n = 0
     was = system.hippocampus.training
     system.hippocampus.eval()  # evaluation must not move the usage statistics
+    if rt is not None and rt.distributed:
+        feats = feats[rt.rank::rt.world_size]
     for i in range(0, len(feats), batch_size):
         batch = collate(feats[i:i + batch_size], pad_id)
         logits = system.forward(batch, hippocampus=True)[:, :-1].float()
@@ -180,13 +197,21 @@ def evaluate(system: CLSSystem, feats: list, pad_id: int, batch_size: int = 8) -
         hits += float(((logits.argmax(-1) == labels) & keep).sum())
         n += int(keep.sum())
     system.hippocampus.train(was)
+    if rt is not None and rt.distributed:
+        hits, loss, total = rt.reduce_floats([hits, loss, n], "sum")
+        n = round(total)
     return (hits / n, loss / n, n) if n else (math.nan, math.nan, 0)
 
 
 def config_hash(cfg: EngineConfig, identity: Mapping | None = None) -> str:
     """First 16 hex digits of the SHA-256 of the canonical JSON of ``asdict(cfg)`` plus
-    ``identity`` (e.g. the model name): two runs may share a checkpoint only if they agree."""
-    blob = json.dumps({"engine": asdict(cfg), "identity": dict(identity or {})}, sort_keys=True,
+    ``identity`` (e.g. the model name): two runs may share a checkpoint only if they agree.
+    ``mixed_precision="no"`` (the default) is left out, so checkpoints written before the key
+    existed keep their hash."""
+    engine = asdict(cfg)
+    if engine.get("mixed_precision") == "no":
+        del engine["mixed_precision"]
+    blob = json.dumps({"engine": engine, "identity": dict(identity or {})}, sort_keys=True,
                       default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -251,6 +276,14 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str |
 
     ``progress``: a tqdm bar over the wake steps on stderr (task, wake loss); ``None`` shows
     it only when stderr is a terminal.
+
+    Under ``accelerate launch``/``torchrun`` the run is data parallel (see
+    :mod:`nn_cls.distributed`): every rank trains on its own shard of each global batch of
+    ``N · batch_size`` rows and keeps its own replay buffer, gradients are averaged over
+    ranks, decisions come from reduced quantities, and only rank 0 calls ``log`` and writes
+    the checkpoint (which then holds every rank's replay buffer and RNG states; resume needs
+    the same number of processes). ``cfg.mixed_precision`` (bf16/fp16) autocasts the
+    forwards.
     """
     cfg.check()
     if checkpoint_every < 0:
@@ -264,6 +297,10 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str |
     from nn_core.train.config import SFTConfig  # peft is imported only when a run starts
     from nn_core.train.lora import prepare_model
 
+    rt = runtime(model, cfg.mixed_precision)  # the plain runtime in one fp32 process
+    if state is not None and int(state.get("world_size", 1)) != rt.world_size:
+        raise NNError(f"the checkpoint was written by {int(state.get('world_size', 1))} process(es), this "
+                      f"run has {rt.world_size}: resume with as many processes")
     torch.manual_seed(cfg.seed)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     data = [_features(tok, t, p, cfg) for t, p in zip(cfg.tasks, _examples(cfg), strict=True)]
@@ -271,6 +308,8 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str |
         p.requires_grad_(False)
     system = CLSSystem(model, cfg.experts, injection_fraction=cfg.injection_fraction,
                        head_only=cfg.head_only, seed=cfg.seed, use_hippocampus=parts["hippocampus"])
+    if rt.amp_dtype is not None:
+        system.autocast = rt.autocast
     system.model = prepare_model(system.model, SFTConfig(method="lora", lora_r=cfg.lora_r,
                                                          target_modules=list(cfg.lora_targets),
                                                          seed=cfg.seed))
@@ -278,11 +317,12 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str |
     if parts["hippocampus"]:
         for p in base_params.values():
             p.requires_grad_(False)
-        wake_opt = torch.optim.AdamW(system.hippocampus.parameters(), lr=cfg.lr_wake)
+        wake_opt = rt.wrap(torch.optim.AdamW(system.hippocampus.parameters(), lr=cfg.lr_wake))
     else:
-        wake_opt = torch.optim.AdamW(base_params.values(), lr=cfg.lr_wake)
-    sleep_opt = torch.optim.AdamW(base_params.values(), lr=cfg.lr_sleep)
-    replay = ReplayBuffer(cfg.replay_capacity, seed=cfg.seed, sampling=cfg.replay_sampling)
+        wake_opt = rt.wrap(torch.optim.AdamW(base_params.values(), lr=cfg.lr_wake))
+    sleep_opt = rt.wrap(torch.optim.AdamW(base_params.values(), lr=cfg.lr_sleep))
+    # each rank its own replay shard, sampled with its own seeded generator (rank 0: cfg.seed)
+    replay = ReplayBuffer(cfg.replay_capacity, seed=cfg.seed + 7919 * rt.rank, sampling=cfg.replay_sampling)
     with torch.enable_grad():
         for p in base_params.values():
             p.requires_grad_(True)
@@ -310,24 +350,44 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str |
         system.hippocampus.load_state_dict(state["hippocampus"])
         wake_opt.load_state_dict(state["wake_opt"])
         sleep_opt.load_state_dict(state["sleep_opt"])
-        replay.load_state_dict(state["replay"])
+        own = state["ranks"][rt.rank] if rt.distributed else state
+        replay.load_state_dict(own["replay"])
         if ewc is not None:
             ewc.load_state_dict(state["ewc"])
         sched.load_state_dict(state["scheduler"])
+        if rt.scaler is not None and state.get("amp_scaler"):
+            rt.scaler.load_state_dict(state["amp_scaler"])
         A, L, C = state["A"], state["L"], state["counts"]
         history = list(state["history"])
         start = int(state["step"])
-        gen.set_state(state["rng"]["stream"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+        gen.set_state(own["rng"]["stream"])
+        torch.set_rng_state(own["rng"]["torch"])
+        random.setstate(own["rng"]["python"])
+    # data parallel: every rank starts from rank 0's trained state (identical by seeding
+    # already; the broadcast makes it a guarantee) and counts hippocampus usage from here
+    rt.broadcast_([*base_params.values(), *system.hippocampus.parameters(), *system.hippocampus.buffers()])
+    hsnap = rt.hippocampus_snapshot(system.hippocampus)
+
+    def sync_usage() -> None:
+        nonlocal hsnap
+        if rt.distributed and parts["hippocampus"]:
+            hsnap = rt.sync_hippocampus(system.hippocampus, hsnap)
 
     def emit(rec):
         history.append(rec)
-        if log is not None:
+        if log is not None and rt.is_main:
             log(rec)
+
+    def rng_state() -> dict:
+        return {"torch": torch.get_rng_state(), "stream": gen.get_state(), "python": random.getstate()}
 
     def save(done: int) -> Path | None:
         if checkpoint_dir is None:
+            return None
+        ranks = rt.gather_object({"replay": replay.state_dict(), "rng": rng_state(),
+                                  "state_sha256": _trained_state_hash(base_params, system.hippocampus)}) \
+            if rt.distributed else None
+        if not rt.is_main:
             return None
         ck = {
             "format": CHECKPOINT_FORMAT, "config_hash": chash,
@@ -338,9 +398,10 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str |
                             for k, v in system.hippocampus.state_dict().items()},
             "wake_opt": wake_opt.state_dict(), "sleep_opt": sleep_opt.state_dict(),
             "replay": replay.state_dict(), "ewc": ewc.state_dict() if ewc is not None else None,
-            "scheduler": sched.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "stream": gen.get_state(), "python": random.getstate()},
+            "scheduler": sched.state_dict(), "rng": rng_state(),
             "A": A, "L": L, "counts": C, "history": history,
+            "world_size": rt.world_size, "ranks": ranks,
+            "amp_scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
         }
         path = Path(checkpoint_dir) / CHECKPOINT_NAME
         with atomic_path(path) as tmp:
@@ -348,6 +409,7 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str |
         return path
 
     def do_sleep(n_steps: int, tasks_done: list[int], reason: str, step: int) -> None:
+        nonlocal hsnap
         if not len(replay):
             return
         for p in base_params.values():
@@ -356,26 +418,33 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str |
         for s in range(n_steps):
             m, mix = sleep_step(system, replay, sleep_opt, batch_size=cfg.sleep_batch_size,
                                 pseudo_ratio=cfg.pseudo_ratio, ewc=ewc, pad_id=pad_id, step=step)
+            m = rt.reduce_metrics(m, sums=("replay_batch_size_sleep", "pseudo_batch_size"))
             emit({"phase": "sleep", "step": step, "sleep_step": s, "reason": reason, **m})
         if ewc is not None and mix:
             info = ewc.update(system, [collate_episodes(mix, pad_id)[0]])
+            if rt.distributed:
+                info.update(rt.average_fisher(ewc, info["fisher_units"]))
             emit({"phase": "ewc", "step": step, **info})
         if parts["hippocampus"]:
             for p in base_params.values():
                 p.requires_grad_(False)
         if parts["refresh"]:
             info = refresh(system, replay.sample(cfg.probe_size), tasks_done,
-                           threshold=cfg.refresh_threshold, factor=cfg.refresh_factor, pad_id=pad_id)
+                           threshold=cfg.refresh_threshold, factor=cfg.refresh_factor, pad_id=pad_id,
+                           reduce=rt.mean if rt.distributed else None)
+            hsnap = rt.hippocampus_snapshot(system.hippocampus)  # the reset is the same on every rank
             emit({"phase": "refresh", "step": step, **info})
         sched.slept()
 
     stopped = False
-    bar = _bar(total, start, cfg.method, progress)
+    bar = _bar(total, start, cfg.method, progress if rt.is_main else False)
     try:
         for s in range(start, total):
             i = s // cfg.steps_per_task
             train = data[i][0]
-            pick = torch.randint(len(train), (cfg.batch_size,), generator=gen).tolist()
+            # one global batch of N·batch_size rows from the shared generator; this rank's shard
+            pick = torch.randint(len(train), (cfg.batch_size * rt.world_size,), generator=gen).tolist()
+            pick = pick[rt.rank * cfg.batch_size:(rt.rank + 1) * cfg.batch_size]
             batch = collate([train[j] for j in pick], pad_id)
             m = wake_step(system, batch, wake_opt, task=i, step=s, replay=replay, top_k=cfg.top_k,
                           hippocampus=parts["hippocampus"])
@@ -385,29 +454,37 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str |
                                              hippocampus=False)["wake_loss"]
             if ewc is not None and not parts["sleep"] and ewc.fisher:
                 wake_opt.zero_grad(set_to_none=True)
-                ewc.penalty().backward()
+                backward(wake_opt, ewc.penalty())
                 wake_opt.step()
+            if rt.distributed:  # losses: mean over ranks; rows, tokens, replay sizes: sums
+                m["replay_size"] = len(replay)
+                m = rt.reduce_metrics(m, sums=("replay_added_this_step", "batch_rows",
+                                               "batch_supervised_tokens", "replay_size"))
+                sync_usage()
             m["novelty"] = sched.observe_wake(m["wake_loss"])
-            m["replay_size"] = len(replay)
+            m["replay_size"] = m.get("replay_size", len(replay))
             emit({"phase": "wake", "step": s, "task": cfg.tasks[i], **m})
             bar.update(1)
             bar.set_postfix(task=cfg.tasks[i], loss=f"{m['wake_loss']:.3f}", refresh=False)
             done = s + 1
             if parts["sleep"]:
-                d = sched.decide(saturation=sched.saturation(system) if parts["hippocampus"] else 0.0,
-                                 forgetting=probe_forgetting(system, replay.sample(min(2, len(replay))), pad_id)
-                                 if len(replay) else 0.0)
+                sat = sched.saturation(system) if parts["hippocampus"] else 0.0
+                forg = rt.mean(probe_forgetting(system, replay.sample(min(2, len(replay))), pad_id)) \
+                    if len(replay) else 0.0
+                sync_usage()  # the probe ran the hippocampus in training mode
+                d = sched.decide(saturation=sat, forgetting=forg)
                 if d["sleep"]:
                     emit({"phase": "schedule", "step": done, **d})
                     do_sleep(d["sleep_steps"], list(range(i + 1)), d["reason"], done)
             if done % cfg.steps_per_task == 0:
-                _boundary(cfg, system, data, i, parts, ewc, replay, pad_id, do_sleep, emit, A, L, C, done)
+                _boundary(cfg, system, data, i, parts, ewc, replay, pad_id, do_sleep, emit, A, L, C, done, rt)
             periodic = bool(checkpoint_every) and done % checkpoint_every == 0
             if done in (total, stop_after) or periodic:
                 save(done)
             if stop_after is not None and done >= stop_after and done < total:
                 stopped = True
                 break
+        rt.barrier()  # no rank leaves while another still needs a collective
     finally:
         bar.close()
         system.close()
@@ -417,6 +494,18 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str |
             "replay_bytes": replay.nbytes(), "replay_episodes": len(replay), "stopped": stopped,
             "step": min(stop_after, total) if stopped else total, "total_steps": total,
             "config_hash": chash, "checkpoint": str(ck) if ck is not None and ck.exists() else None}
+
+
+def _trained_state_hash(base_params: Mapping[str, torch.Tensor], hippocampus) -> str:
+    """SHA-256 of the bytes of the base's trained parameters and the hippocampus' state
+    (parameters and usage buffers), in name order: data-parallel ranks must agree on it."""
+    h = hashlib.sha256()
+    items = [(f"base.{n}", p) for n, p in base_params.items()]
+    items += [(f"hippocampus.{n}", t) for n, t in hippocampus.state_dict().items() if torch.is_tensor(t)]
+    for name, t in sorted(items, key=lambda x: x[0]):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _bar(total: int, start: int, method: str, progress: bool | None):
@@ -429,17 +518,20 @@ def _bar(total: int, start: int, method: str, progress: bool | None):
                 file=sys.stderr, leave=False)
 
 
-def _boundary(cfg, system, data, i, parts, ewc, replay, pad_id, do_sleep, emit, A, L, C, done) -> None:
+def _boundary(cfg, system, data, i, parts, ewc, replay, pad_id, do_sleep, emit, A, L, C, done, rt) -> None:
     """End of task ``i``: boundary sleep (sleep methods), the ``ewc`` baseline's Fisher update,
-    and the evaluation of every seen task into row ``i`` of A, L and C."""
+    and the evaluation of every seen task into row ``i`` of A, L and C (data parallel: only
+    when every rank holds episodes of task ``i``, the Fisher then averaged over ranks)."""
     if parts["sleep"]:
         do_sleep(cfg.scheduler.min_sleep_steps or 1, list(range(i + 1)), "task_boundary", done)
     if ewc is not None and not parts["sleep"]:
         eps = [e for e in replay.items if e.task == i][: cfg.probe_size]
-        if eps:
-            ewc.update(system, [collate_episodes(eps, pad_id)[0]])
+        if rt.all_true(bool(eps)):
+            info = ewc.update(system, [collate_episodes(eps, pad_id)[0]])
+            if rt.distributed:
+                rt.average_fisher(ewc, info["fisher_units"])
     for j in range(i + 1):
-        acc, loss, n = evaluate(system, data[j][1], pad_id)
+        acc, loss, n = evaluate(system, data[j][1], pad_id, rt=rt)
         A[i][j], L[i][j], C[i][j] = acc, loss, n
     seen = [A[i][j] for j in range(i + 1)]
     emit({"phase": "boundary", "step": done, "boundary": i,

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nn_cls.distributed import backward
 from nn_cls.replay import Episode, ReplayBuffer, collate_episodes, episodes_from_batch
 from nn_cls.system import CLSSystem
 from nn_core.errors import NNError
@@ -85,7 +86,7 @@ def wake_step(system: CLSSystem, batch: Mapping[str, torch.Tensor], optimizer: t
     lm, n = _lm_loss(logits, batch)
     loss = lm + h.aux_loss if use_h else lm
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    backward(optimizer, loss)  # loss.backward(); fp16 loss scaling under AMP (nn_cls.distributed)
     optimizer.step()
     h.task_id = None
     added = 0
@@ -135,7 +136,7 @@ def sleep_step(system: CLSSystem, replay: ReplayBuffer, optimizer: torch.optim.O
     penalty = ewc.penalty() if ewc is not None else torch.zeros((), device=logits.device)
     loss = kl + penalty
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    backward(optimizer, loss)  # loss.backward(); fp16 loss scaling under AMP (nn_cls.distributed)
     optimizer.step()
     return ({"sleep_kl": float(kl.detach()), "ewc_penalty": float(penalty.detach()), "replay_batch_size_sleep": len(real),
              "pseudo_batch_size": len(pseudo),
@@ -216,9 +217,13 @@ def probe_forgetting(system: CLSSystem, episodes: Sequence[Episode], pad_id: int
 
 
 def refresh(system: CLSSystem, probe: Sequence[Episode], tasks: Sequence[int], *, threshold: float = 0.6,
-            factor: float = 0.5, min_share: float = 0.05, pad_id: int = 0) -> dict:
-    """Refresh experts after a sleep when the base agrees with the teacher (module docs)."""
+            factor: float = 0.5, min_share: float = 0.05, pad_id: int = 0, reduce=None) -> dict:
+    """Refresh experts after a sleep when the base agrees with the teacher (module docs).
+    ``reduce`` (data parallel): maps this process' agreement to the mean over processes, so
+    every process takes the same decision."""
     agree = agreement(system, probe, pad_id) if probe else 0.0
+    if reduce is not None:
+        agree = reduce(agree)
     info = {"refresh_agreement": agree, "refresh_threshold": threshold, "refreshed_experts": [],
             "refresh_reason": ""}
     if agree < threshold:

@@ -58,6 +58,10 @@ class CLSSystem:
         else:
             self.layer = injection_layer(self.num_layers, injection_fraction)
             self.point = SiteRef(self.layer - 1, "resid")
+        #: ``None`` (default: the model's own precision) or a factory of an autocast context
+        #: (:meth:`nn_cls.distributed.Runtime.autocast`) entered around every forward; the
+        #: logits then come back as float32 for the losses.
+        self.autocast = None
         self.hooks = inject(model, {self.point: self.hippocampus})
         if self.use_hippocampus:
             self.hooks.attach()
@@ -81,8 +85,12 @@ class CLSSystem:
         self.hippocampus.token_mask = mask
         ctx = contextlib.nullcontext() if (hippocampus and self.use_hippocampus) else self.base_only()
         try:
-            with ctx:
-                return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            if self.autocast is None:
+                with ctx:
+                    return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            with ctx, self.autocast():
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            return logits.float()
         finally:
             self.hippocampus.token_mask = None
 
