@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -68,23 +69,31 @@ def main(argv=None) -> int:
     vocab = loki.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
 
+    cpu: dict[str, list[float]] = {"loki": [], "plain": []}
+
     def step(name: str) -> float:
         m, opt = models[name], opts[name]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = m(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        cpu[name].append(time.process_time() - c0)
         return time.perf_counter() - t0
 
+    load_before = os.getloadavg()
     for _ in range(args.warmup):
         step("loki")
         step("plain")
+    for v in cpu.values():
+        v.clear()
     times: dict[str, list[float]] = {"loki": [], "plain": []}
     for i in range(args.steps):
         for name in (("loki", "plain") if i % 2 == 0 else ("plain", "loki")):
             times[name].append(step(name))
+    load_after = os.getloadavg()
     med = {n: statistics.median(t) for n, t in times.items()}
+    med_cpu = {n: statistics.median(t) for n, t in cpu.items()}
     state = {n: count_optimizer_state(o) for n, o in opts.items()}
     trained = {"loki": active_parameters(loki),
                "plain": sum(q.numel() for q in plain.parameters() if q.requires_grad)}
@@ -95,6 +104,9 @@ def main(argv=None) -> int:
         "active_fraction": k / H,
         "step_seconds_median": med, "step_seconds": times,
         "time_ratio": med["loki"] / med["plain"],
+        "cpu_seconds_median": med_cpu, "cpu_seconds": cpu,
+        "cpu_time_ratio": med_cpu["loki"] / med_cpu["plain"],
+        "load_average_before": list(load_before), "load_average_after": list(load_after),
         "trainable_parameters": trained,
         "optimizer_state_elements": state,
         "optimizer_state_bytes": {n: 4 * v for n, v in state.items()},

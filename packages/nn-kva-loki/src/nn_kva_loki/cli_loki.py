@@ -25,6 +25,12 @@ EPILOG = """  nn-kva-loki create smollm2-135m runs/sel-5 --out runs/loki-5      
 """
 
 
+# files only `train` writes into its --out before the manifest exists (an interrupted run's
+# fingerprint): such a folder may be resumed (nn_core.train.FINGERPRINT_FILE; not imported
+# here so that --help stays light)
+TRAIN_OUT_MARKERS = ("run_fingerprint.json",)
+
+
 def _tool(args, name: str) -> str:
     return getattr(args, "_tool", None) or f"nn-kva-loki {name}"
 
@@ -272,7 +278,7 @@ def add_loki_commands(sub) -> None:
                    help="fraction of a data file kept out of training for eval")
     _sft_args(t)
     add_common_args(t, model=False, defaults={"out": "loki-train"})
-    t.set_defaults(func=_train)
+    t.set_defaults(func=_train, _out_markers=TRAIN_OUT_MARKERS)
 
     e = sub.add_parser("eval", help="base vs LoKI vs same-budget LoRA: task loss/accuracy, general ΔPPL",
                        formatter_class=fmt)
