@@ -30,6 +30,12 @@ was made from, its parameters re-created): its state dict is bit-identical to th
 when nothing trained and carries the trained values otherwise. Forward hooks registered on
 the module move across a split and a merge.
 
+With ``device_map`` (accelerate): a split stays on its weight's device and moves an input
+that arrives on another device there (the output stays on the layer's device, as an
+accelerate-dispatched module's does without ``io_same_device``); an *offloaded* layer (weight
+on the ``meta`` device, filled in by an accelerate hook during the forward) cannot be split
+(:class:`NNError`).
+
 A split's state dict is the original module's (``weight``, ``bias``: the current effective
 values), so a split model's ``state_dict()``/``save_pretrained`` give a plain checkpoint and a
 plain state dict loads into it (the selected slice into ``trainable``, in place).
@@ -184,6 +190,8 @@ class SplitLinear(nn.Module):
         return mask.index_fill_(self.dim, self.index, True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device != self.frozen.device:  # a device_map that placed this layer apart from its input
+            x = x.to(self.frozen.device)
         return _SplitMatmul.apply(x, self.trainable, self.bias_trainable, self.frozen, self.index,
                                   self.dim, self.bias_frozen, self.conv1d_layout)
 
@@ -287,6 +295,9 @@ def split_linear(model: nn.Module, module_path: str, *, rows=None, cols=None) ->
     if not (type(base) is nn.Linear or is_conv1d(base)):
         raise NNError(f"{module_path} is a {type(base).__name__}: only nn.Linear and GPT-2 Conv1D "
                       "can be split (not quantized or PEFT-wrapped layers)")
+    if base.weight.device.type == "meta" or getattr(getattr(base, "_hf_hook", None), "offload", False):
+        raise NNError(f"{module_path} is offloaded (its weight is loaded only during the forward, "
+                      "device_map with CPU/disk offload): load the model without offloading to split it")
     shared = sum(1 for _, p in model.named_parameters(remove_duplicate=False) if p is base.weight)
     if shared > 1:
         raise NNError(f"the weight of {module_path} is tied to another module: untie it before splitting")
