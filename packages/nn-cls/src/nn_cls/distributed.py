@@ -6,7 +6,7 @@ and with ``mixed_precision="no"`` it is the *plain* runtime: every method is the
 autocast is a null context), so a single-process fp32 run computes exactly what it did
 before this module existed.
 
-**Data parallel** (``accelerate launch --num_processes N [--cpu] -m nn_cls.cli train ...``,
+**Data parallel** (``accelerate launch --multi_gpu --num_processes N -m nn_cls.cli train ...``,
 or ``torchrun``): the processes join accelerate's process group (``PartialState``: gloo on
 CPU, NCCL on CUDA, each process on its own GPU ``cuda:<local rank>``). The engine then gives
 every rank its own shard of the stream (each wake step draws one global batch of
