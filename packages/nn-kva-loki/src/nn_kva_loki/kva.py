@@ -358,17 +358,29 @@ def _kv_bytes_per_token(model: nn.Module) -> int:
     return 2 * get_adapter(model).num_layers * kv_heads * head_dim * param.element_size()
 
 
-def pairs_per_batch(model: nn.Module, prefix_len: int, budget_bytes: float) -> int:
-    """How many (sample, layer, step) rows one fast-path forward may hold in
-    ``budget_bytes``: each row holds a copy of its sample's KV cache (``2 × layers ×
-    kv_heads × head_dim × prefix_len`` elements) plus, for the backward, about ``layers ×
-    (16 × hidden + 4 × intermediate)`` activations and three vocabulary-sized vectors."""
+def pairs_per_batch(model: nn.Module, prefix_len: int, budget_bytes: float, *, variants: int | None = None) -> int:
+    """How many (sample, layer, step) variants one fast-path forward may hold in
+    ``budget_bytes``.
+
+    ``variants=None``: the ``rows`` layout, where each variant attends over its own copy of
+    its sample's KV cache (``2 × layers × kv_heads × head_dim × prefix_len`` elements).
+    ``variants=V`` (variants per sample): the ``packed`` layout, where the cache is shared
+    and each variant instead keeps its attention weights over ``prefix_len + V`` keys
+    (``layers × heads`` of them) for the backward. Both add, per variant, about ``layers ×
+    (16 × hidden + 4 × intermediate)`` activations and three vocabulary-sized float32
+    vectors (logits, softmax, its gradient)."""
     ad = get_adapter(model)
     widths = ad.widths()
     elem = next(model.parameters()).element_size()
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 0
-    per_row = (_kv_bytes_per_token(model) * max(prefix_len, 1)
-               + ad.num_layers * (16 * widths["mlp_out"] + 4 * widths["mlp_act"]) * elem
+    if variants is None:
+        attention = _kv_bytes_per_token(model) * max(prefix_len, 1)
+    else:
+        cfg = getattr(model, "config", None)
+        cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
+        heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 0) or 1)
+        attention = ad.num_layers * heads * (max(prefix_len, 1) + variants) * elem
+    per_row = (attention + ad.num_layers * (16 * widths["mlp_out"] + 4 * widths["mlp_act"]) * elem
                + 3 * vocab * 4)
     return int(max(1, min(4096, budget_bytes // per_row)))
 
@@ -385,21 +397,33 @@ def attribute(model: nn.Module, batch: Sequence[Encoded], *, target: str = "argm
     alphas, weights = quadrature(method, steps)
     device = input_device(model)
     ids, mask = _left_pad([e.ids for e in batch], pad_id, device)
-    probs = _last_probs(model, ids, mask)
     if target == "gold":
         if any(e.gold_id is None for e in batch):
             raise NNError("target 'gold' needs a gold answer token for every sample")
-        tok = torch.tensor([e.gold_id for e in batch], dtype=torch.long, device=probs.device)
-    else:
-        tok = probs.argmax(-1)
-    prob = probs.gather(-1, tok[:, None])[:, 0]
+        gold = torch.tensor([e.gold_id for e in batch], dtype=torch.long, device=device)
     if engine == "fast":
         from nn_core.numerics.integrated_gradients import integrated_gradients
 
-        max_pairs = pairs_per_batch(model, ids.shape[1], memory_budget)
-        att = integrated_gradients(model, ids, mask, alphas=alphas, weights=weights, site=SITE,
-                                   target_ids=tok, max_batch=max_pairs, engine="kv_cache").numpy()
+        variants = len(alphas) * get_adapter(model).num_layers
+
+        def max_pairs(layout: str) -> int:  # the engine's packed or rows layout, sized to the budget
+            return pairs_per_batch(model, ids.shape[1], memory_budget,
+                                   variants=variants if layout == "packed" else None)
+
+        # the clean logits (target token and probability) come from the engine's own cached
+        # forward of the target token: no separate full-prompt pass
+        att, logits = integrated_gradients(
+            model, ids, mask, alphas=alphas, weights=weights, site=SITE,
+            target_ids=gold if target == "gold" else "argmax", max_batch=max_pairs, engine="kv_cache",
+            return_logits=True)
+        att = att.numpy()
+        probs = torch.softmax(logits, dim=-1)
+        tok = gold.cpu() if target == "gold" else probs.argmax(-1)
+        prob = probs.gather(-1, tok[:, None])[:, 0]
     else:
+        probs = _last_probs(model, ids, mask)
+        tok = gold.to(probs.device) if target == "gold" else probs.argmax(-1)
+        prob = probs.gather(-1, tok[:, None])[:, 0]
         att = np.stack([captum_attributions(model, e.ids, int(t), method=method, steps=steps)
                         for e, t in zip(batch, tok.tolist(), strict=True)])
     return (att.astype(np.float32, copy=False), tok.cpu().numpy().astype(np.int64),
