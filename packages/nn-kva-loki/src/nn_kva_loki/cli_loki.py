@@ -43,10 +43,11 @@ def _name(spec: str) -> str:
 def _create(args) -> int:
     from nn_core.io import check_output_dir
     from nn_core.model.loading import load_model
-    from nn_kva_loki.loki import active_parameters, create_loki, save_loki
+    from nn_kva_loki.loki import active_parameters, create_loki, precheck_positions, save_loki
 
     tool = _tool(args, "create")
     out = check_output_dir(args.out or f"{_name(args.model_spec)}-loki", tool=tool, overwrite=args.overwrite)
+    precheck_positions(args.positions)  # before the model loads
     t0 = time.perf_counter()
     model, tok = load_model(args.model_spec, device=args.device, dtype=args.dtype, seed=args.seed)
     create_loki(model, args.positions)
@@ -132,6 +133,10 @@ def _train(args) -> int:
                            markers=(FINGERPRINT_FILE,))
     cfg = _sft_config(args, str(out))
     data = _data_settings(args)
+    if args.positions is not None:
+        from nn_kva_loki.loki import precheck_positions
+
+        precheck_positions(args.positions)  # before the data and the model load
     train_examples, heldout = load_task_data(
         args.data, format=args.format, limit=args.limit, n_train=args.n_train, n_eval=args.n_eval,
         heldout_fraction=args.heldout_fraction, seed=args.seed)
