@@ -34,20 +34,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch(tmp_path, out, *extra: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+           "127.0.0.1", "--master-port", str(_free_port()), "-m", "nn_cls.cli", "train", *TINY,
+           "train.method=full_cls", f"out={out}", f"hydra.run.dir={tmp_path / 'hydra'}", *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """One uninterrupted 2-process CPU (gloo) ``nn-cls train`` run (its output folder)."""
+    tmp = tmp_path_factory.mktemp("dp")
+    _launch(tmp, tmp / "two")
+    return tmp / "two"
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_two_processes_train_in_lockstep(tmp_path):
+def test_two_processes_train_in_lockstep(two_process_run):
     """``nn-cls train`` under a 2-process CPU (gloo) launch: it completes, both ranks end
     with the same LoRA and hippocampus weights (per-rank hashes in the checkpoint), the
     boundary evaluation covers every evaluation example once, and rank 0 alone writes the
     metrics (every wake step and boundary exactly once)."""
-    out = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-           "127.0.0.1", "--master-port", str(_free_port()), "-m", "nn_cls.cli", "train", *TINY,
-           "train.method=full_cls", f"out={out}", f"hydra.run.dir={tmp_path / 'hydra'}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = two_process_run
     ck = load_checkpoint(out)
     assert ck["done"] and ck["world_size"] == 2 and len(ck["ranks"]) == 2
     hashes = {r["state_sha256"] for r in ck["ranks"]}
@@ -73,6 +84,31 @@ def test_two_processes_train_in_lockstep(tmp_path):
     supervised = int((causal_labels(batch["labels"], batch["attention_mask"])[:, 1:] != -100).sum())
     assert res["counts"][0][0] == supervised
     assert all(math.isfinite(a) for a in (res["A"][1][0], res["A"][1][1]))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_processes_stop_and_resume_equals_uninterrupted(two_process_run, tmp_path):
+    """A 2-process run stopped after 4 wake steps (inside task 2, after a boundary, sleeps,
+    EWC and refresh) and resumed by 2 processes ends with the uninterrupted run's metrics,
+    weights and replay shards; resuming with 1 process is refused."""
+    out = tmp_path / "part"
+    _launch(tmp_path, out, "train.stop_after=4")
+    part = load_checkpoint(out)
+    assert part["step"] == 4 and not part["done"] and part["world_size"] == 2
+    with pytest.raises(NNError, match="written by 2 process"):
+        run_stream(to_engine(compose("train", [*TINY, "train.method=full_cls"])),
+                   *load_model("tiny-llama", device="cpu"), resume=part, identity={"model": "tiny-llama"})
+    _launch(tmp_path, out, f"train.resume={out}")
+    whole, resumed = load_checkpoint(two_process_run), load_checkpoint(out)
+    assert resumed["done"]
+    assert [r["state_sha256"] for r in resumed["ranks"]] == [r["state_sha256"] for r in whole["ranks"]]
+    for a, b in zip(whole["ranks"], resumed["ranks"], strict=True):
+        assert a["replay"]["seen"] == b["replay"]["seen"]
+        for ea, eb in zip(a["replay"]["items"], b["replay"]["items"], strict=True):
+            assert torch.equal(ea["input_ids"], eb["input_ids"])
+    rows = [(out / "metrics.jsonl").read_text(), (two_process_run / "metrics.jsonl").read_text()]
+    assert rows[0] == rows[1]
 
 
 def test_plain_runtime_is_the_identity(tiny_llama):
