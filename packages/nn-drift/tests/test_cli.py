@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from nn_drift.behaviour import STAGES
 from nn_drift.cli import main
 from nn_drift.scores import load_scores
 
@@ -97,8 +98,12 @@ def test_full_chain_score_groups_finetune_analyze(tmp_path):
     assert set(stats["groups"]) == {"set-diff", "snip-top"}
     r = stats["groups"]["set-diff"]["relative"]["2"]
     assert r["verdict"] in ("H1", "H2", "less", "inconclusive") and r["n"] > 1
-    assert 0 <= stats["behaviour"]["after"]["refusal"]["rate"] <= 1
-    assert stats["behaviour"]["before"]["utility"]["nll"] > 0
+    # one stage vocabulary with `run` (nn_drift.behaviour.STAGES)
+    assert list(stats["behaviour"]) == ["original", "finetuned"]
+    assert json.loads((an / "behaviour.json").read_text()) == stats["behaviour"]
+    assert 0 <= stats["behaviour"]["finetuned"]["refusal"]["rate"] <= 1
+    assert stats["behaviour"]["original"]["utility"]["nll"] > 0
+    assert "| finetuned | " in (an / "report.md").read_text()
     assert (an / "drift_relative.png").stat().st_size > 1000
     assert "| set-diff | relative | 2 |" in (an / "report.md").read_text()
 
@@ -111,7 +116,67 @@ def test_run_cli_tiny(tmp_path, capsys):
                  "--max-length", "160", "--n-eval", "2", "--n-boot", "20", "--k", "5",
                  "--q", "20", "--out", str(out)]) == 0
     summ = json.loads((out / "summary.json").read_text())
-    assert summ["aligned"] and set(summ["behaviour"]) == {"original", "aligned", "finetuned"}
+    assert summ["aligned"] and list(summ["behaviour"]) == list(STAGES)
+    assert json.loads((out / "behaviour.json").read_text()) == summ["behaviour"]
     assert set(summ["statistics"]["groups"]) == {"set-diff", "snip-top", "utility-top"}
     assert (out / "finetune" / "drift.jsonl").is_file()
     assert "verdict" in capsys.readouterr().out
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_input_one_line_exit_2_nothing_lost(tmp_path, capsys):
+    """The issue's bad-input list: unknown methods, data without responses, groups made
+    for another model, an identical safety and utility set (warned); each refused with
+    one line and exit 2 before anything of the user's is touched."""
+    from nn_core.model.loading import load_model
+    from nn_core.select.weightset import WeightSet
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+
+    sc = tmp_path / "scores"
+    with pytest.warns(UserWarning, match="identical"):
+        assert main(["score", "tiny-llama", *SMALL, "--safety", "safety", "--utility", "safety",
+                     "--metrics", "snip", "--out", str(sc)]) == 0
+    assert "identical" in capsys.readouterr().out
+    # ... so set-diff is empty: refused, nothing written
+    assert main(["groups", str(sc), "--method", "set-diff", "--out", str(tmp_path / "g")]) == 2
+    assert "empty" in _one_line_error(capsys) and not (tmp_path / "g").exists()
+
+    assert main(["groups", str(sc), "--method", "set-diff,top-k", "--out", str(tmp_path / "g")]) == 2
+    assert "unknown method 'top-k'" in _one_line_error(capsys) and not (tmp_path / "g").exists()
+    assert main(["score", "tiny-llama", "--metrics", "snip,fisher", "--out", str(tmp_path / "s")]) == 2
+    assert "unknown metric 'fisher'" in _one_line_error(capsys) and not (tmp_path / "s").exists()
+    for argv in (["groups", str(sc)], ["score", "tiny-llama", *SMALL],
+                 ["run", "tiny-llama", "--n-eval", "2"]):  # a folder of the user's is never replaced
+        assert main([*argv, "--out", str(mine)]) == 2
+        assert "not an output of" in _one_line_error(capsys)
+
+    noresp = tmp_path / "noresp.jsonl"
+    noresp.write_text('{"instruction": "say hi", "output": ""}\n')
+    assert main(["score", "tiny-llama", *SMALL, "--utility", str(noresp), "--out",
+                 str(tmp_path / "s2")]) == 2
+    assert "non-empty prompt and response" in _one_line_error(capsys)
+    assert not (tmp_path / "s2").exists()
+
+    gpt, _ = load_model("tiny-gpt2", device="cpu")
+    name = next(n for n, p in gpt.named_parameters() if p.ndim == 2 and ".h.0." in n)
+    other = tmp_path / "other"
+    other.mkdir()
+    WeightSet.for_model(gpt, {name: [0, 1]}, method="t").save(other / "g.safetensors")
+    assert main(["finetune", "tiny-llama", "task:copy", "--groups", str(other), "--max-steps", "1",
+                 "--n-samples", "2", "--batch-size", "2", "--max-length", "128",
+                 "--out", str(tmp_path / "ft")]) == 2
+    assert "made for a 'gpt2' model" in _one_line_error(capsys)
+    assert not (tmp_path / "ft" / "drift.jsonl").exists()
+    assert main(["finetune", "tiny-llama", str(noresp), "--groups", str(other),
+                 "--out", str(tmp_path / "ft2")]) == 2
+    assert "non-empty prompt and response" in _one_line_error(capsys)
+    assert not (tmp_path / "ft2").exists()
+    assert (mine / "notes.txt").read_text() == "keep" and sorted(mine.iterdir()) == [mine / "notes.txt"]

@@ -25,7 +25,7 @@ _EXPORTS = {
     "finetune": ["block_linear_targets", "finetune_with_drift"],
     "analysis": ["bootstrap_ci", "cohens_d", "compare", "mann_whitney_p", "verdict",
                  "write_analysis"],
-    "behaviour": ["refusal_eval", "utility_eval"],
+    "behaviour": ["STAGES", "behaviour_markdown", "measure_stage", "refusal_eval", "utility_eval"],
 }
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
@@ -39,7 +39,13 @@ if TYPE_CHECKING:  # static analysers see the real names
         verdict,
         write_analysis,
     )
-    from nn_drift.behaviour import refusal_eval, utility_eval  # noqa: F401
+    from nn_drift.behaviour import (  # noqa: F401
+        STAGES,
+        behaviour_markdown,
+        measure_stage,
+        refusal_eval,
+        utility_eval,
+    )
     from nn_drift.data import (  # noqa: F401
         UTILITY_TASKS,
         embedded_records,

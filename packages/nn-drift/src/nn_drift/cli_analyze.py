@@ -26,13 +26,13 @@ def _analyze(args) -> int:
         stats = write_analysis(args.run, tmp, baseline=args.baseline, steps=steps,
                                n_boot=args.n_boot, seed=args.seed)
         if args.behaviour:
+            from nn_drift.behaviour import behaviour_markdown
+
             stats["behaviour"] = _behaviour(args)
             (tmp / "statistics.json").write_text(json.dumps(stats, indent=2))
+            (tmp / "behaviour.json").write_text(json.dumps(stats["behaviour"], indent=2))
             with (tmp / "report.md").open("a") as f:
-                f.write("\n## Behaviour\n\n| | refusal rate | utility NLL |\n|---|---|---|\n")
-                for k, v in stats["behaviour"].items():
-                    f.write(f"| {k} | {v['refusal']['rate']:.2f} ({v['refusal']['refusals']}/"
-                            f"{v['refusal']['n']}) | {v['utility']['nll']:.4f} |\n")
+                f.write("\n## Behaviour\n\n" + behaviour_markdown(stats["behaviour"]))
         write_manifest(tmp, config=args_config(args), phases={"analyze": time.perf_counter() - t0},
                        tool=TOOL, extra={"run": str(args.run)})
     print((out / "report.md").read_text())
@@ -41,10 +41,11 @@ def _analyze(args) -> int:
 
 
 def _behaviour(args) -> dict:
-    """Refusal rate and utility loss of the run's base model and of base + adapter."""
+    """Refusal rate and utility loss of the run's base model (stage ``original``) and of
+    base + adapter (``finetuned``): the stage names of :data:`nn_drift.behaviour.STAGES`."""
     from nn_core.errors import NNError
     from nn_core.model.loading import load_model
-    from nn_drift.behaviour import refusal_eval, utility_eval
+    from nn_drift.behaviour import measure_stage
     from nn_drift.data import SAFETY_HELDOUT, load_examples
 
     manifest = json.loads((Path(args.run) / "manifest.json").read_text()) \
@@ -55,12 +56,11 @@ def _behaviour(args) -> dict:
     harmful = load_examples(SAFETY_HELDOUT, limit=args.n_eval)
     utility = load_examples("utility", limit=args.n_eval, seed=args.seed + 1)
     model, tok = load_model(spec, device=args.device, dtype=args.dtype, seed=args.seed)
-    before = {"refusal": refusal_eval(model, tok, harmful), "utility": utility_eval(model, tok, utility)}
+    original = measure_stage(model, tok, harmful, utility)
     from peft import PeftModel
 
     tuned = PeftModel.from_pretrained(model, str(Path(args.run) / "adapter"))
-    after = {"refusal": refusal_eval(tuned, tok, harmful), "utility": utility_eval(tuned, tok, utility)}
-    return {"before": before, "after": after}
+    return {"original": original, "finetuned": measure_stage(tuned, tok, harmful, utility)}
 
 
 def add_analyze_command(sub) -> None:

@@ -23,7 +23,7 @@ def _run(args) -> int:
                     k=args.k / 100, q=args.q / 100, p=args.p / 100,
                     finetune_steps=args.finetune_steps, track_every=args.track_every,
                     lora_r=args.lora_r, batch_size=args.batch_size, max_length=args.max_length,
-                    n_eval=args.n_eval, n_boot=args.n_boot, seed=args.seed, device=args.device,
+                    n_eval=args.n_eval, max_new_tokens=args.max_new_tokens, n_boot=args.n_boot, seed=args.seed, device=args.device,
                     dtype=args.dtype)
     t0 = time.perf_counter()
     with atomic_dir(out, tool=TOOL, overwrite=args.overwrite) as tmp:
@@ -55,6 +55,8 @@ def add_run_command(sub) -> None:
     s.add_argument("--batch-size", type=_positive, default=4)
     s.add_argument("--max-length", type=_positive, default=256)
     s.add_argument("--n-eval", type=_positive, default=20, help="held-out prompts per measurement")
+    s.add_argument("--max-new-tokens", type=_positive, default=48,
+                   help="greedy tokens generated per held-out prompt (refusal rate)")
     s.add_argument("--n-boot", type=_positive, default=500)
     add_common_args(s, model=False, defaults={"out": None})
     s.set_defaults(func=_run)

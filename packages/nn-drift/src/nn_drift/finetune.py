@@ -30,12 +30,13 @@ def block_linear_targets(model: nn.Module) -> list[str]:
 def finetune_with_drift(model: nn.Module, tokenizer, examples: Sequence, groups: Mapping,
                         config, *, track_every: int = 10, freeze: Sequence[str] = (),
                         resume: bool = True, model_spec: str | None = None,
-                        manifest_extra: Mapping | None = None):
+                        manifest_extra: Mapping | None = None, progress: bool | None = None):
     """Fine-tune ``model`` (plain) with ``config`` (an :class:`nn_core.train.SFTConfig`;
     ``target_modules=None`` means every linear layer of the blocks) while a
     :class:`~nn_drift.drift.DriftTracker` logs the drift of ``groups`` into
     ``config.output_dir/drift.jsonl``; groups named in ``freeze`` are kept out of LoRA's
-    update (:class:`~nn_drift.drift.FreezeRows`). Returns (SFTResult, tracker)."""
+    update (:class:`~nn_drift.drift.FreezeRows`). ``progress``: a bar of optimizer steps
+    (default: when stderr is a terminal). Returns (SFTResult, tracker)."""
     from nn_core.train import build_trainer, prepare_model, train
     from nn_core.train.fingerprint import run_fingerprint
     from nn_drift.drift import DriftTracker, FreezeRows
@@ -53,7 +54,8 @@ def finetune_with_drift(model: nn.Module, tokenizer, examples: Sequence, groups:
         del name
     peft_model = prepare_model(model, config)
     tracker = DriftTracker(peft_model, groups, config.output_dir, every=track_every)
-    callbacks = [tracker, *[FreezeRows(peft_model, groups[f]) for f in freeze]]
+    callbacks = [tracker, *[FreezeRows(peft_model, groups[f]) for f in freeze],
+                 step_progress("finetune", progress)]
     trainer = build_trainer(peft_model, tokenizer, examples, config, callbacks=callbacks,
                             prepare=False)
     parts = {"groups": {n: [g.meta.get("method"), len(g)] for n, g in groups.items()},
@@ -65,3 +67,35 @@ def finetune_with_drift(model: nn.Module, tokenizer, examples: Sequence, groups:
                                    "freeze": list(freeze), "track_every": track_every,
                                    **dict(manifest_extra or {})})
     return result, tracker
+
+
+def step_progress(desc: str, progress: bool | None = None):
+    """A ``TrainerCallback`` that shows a progress bar of optimizer steps (nn-core's trainer
+    runs with the Trainer's own bars disabled); ``progress`` as in
+    :func:`nn_drift.behaviour.progress_enabled`."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    from nn_drift.behaviour import progress_enabled
+
+    class _StepProgress(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=desc,
+                            leave=False, disable=not progress_enabled(progress))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and logs and "loss" in logs:
+                self.bar.set_postfix(loss=f"{float(logs['loss']):.3f}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return _StepProgress()

@@ -36,6 +36,7 @@ class RunSettings:
     batch_size: int = 4
     max_length: int = 256
     n_eval: int = 20
+    max_new_tokens: int = 48
     n_boot: int = 500
     seed: int = 0
     device: str = "auto"
@@ -43,13 +44,11 @@ class RunSettings:
     phases: dict = field(default_factory=dict)
 
 
-def _stage(model, tok, harmful, utility, name: str, log=print) -> dict:
-    from nn_drift.behaviour import refusal_eval, utility_eval
+def _stage(model, tok, harmful, utility, name: str, log=print, max_new_tokens: int = 48) -> dict:
+    from nn_drift.behaviour import measure_stage, stage_line
 
-    out = {"refusal": refusal_eval(model, tok, harmful), "utility": utility_eval(model, tok, utility)}
-    r = out["refusal"]
-    log(f"{name}: refusal rate {r['rate']:.2f} ({r['refusals']}/{r['n']}), utility NLL "
-        f"{out['utility']['nll']:.4f}")
+    out = measure_stage(model, tok, harmful, utility, max_new_tokens=max_new_tokens)
+    log(stage_line(name, out))
     return out
 
 
@@ -61,7 +60,7 @@ def run_pipeline(s: RunSettings, out: Path, *, log=print) -> dict:
     from nn_core.train import SFTConfig, build_trainer, train
     from nn_drift.analysis import write_analysis
     from nn_drift.data import SAFETY, SAFETY_HELDOUT, load_examples, response_batches
-    from nn_drift.finetune import block_linear_targets, finetune_with_drift
+    from nn_drift.finetune import block_linear_targets, finetune_with_drift, step_progress
     from nn_drift.groups import make_groups, summary
     from nn_drift.scores import compute_scores
 
@@ -77,7 +76,7 @@ def run_pipeline(s: RunSettings, out: Path, *, log=print) -> dict:
     harmful = load_examples(SAFETY_HELDOUT, limit=s.n_eval)
     util_eval = load_examples("utility", limit=s.n_eval, seed=s.seed + 1)
     model, tok = load_model(s.model, device=s.device, dtype=s.dtype, seed=s.seed)
-    behaviour = {"original": _stage(model, tok, harmful, util_eval, "original", log)}
+    behaviour = {"original": _stage(model, tok, harmful, util_eval, "original", log, s.max_new_tokens)}
     phase("measure original")
     rate = behaviour["original"]["refusal"]["rate"]
     do_align = s.align == "yes" or (s.align == "auto" and rate < s.align_threshold)
@@ -90,9 +89,10 @@ def run_pipeline(s: RunSettings, out: Path, *, log=print) -> dict:
                         learning_rate=s.align_lr, max_steps=s.align_steps, batch_size=s.batch_size,
                         max_length=s.max_length, seed=s.seed, save_steps=10**9,
                         logging_steps=10)
-        res = train(build_trainer(model, tok, mix, cfg), cfg, resume=False, model_spec=s.model)
+        res = train(build_trainer(model, tok, mix, cfg, callbacks=[step_progress("align")]), cfg,
+                    resume=False, model_spec=s.model)
         model = copy.deepcopy(res.model).merge_and_unload()
-        behaviour["aligned"] = _stage(model, tok, harmful, util_eval, "aligned", log)
+        behaviour["aligned"] = _stage(model, tok, harmful, util_eval, "aligned", log, s.max_new_tokens)
         phase("align")
     data = {"safety": response_batches(tok, load_examples(SAFETY, limit=s.n_score),
                                        batch_size=s.batch_size, max_length=s.max_length),
@@ -117,7 +117,8 @@ def run_pipeline(s: RunSettings, out: Path, *, log=print) -> dict:
     result, _ = finetune_with_drift(model, tok, benign, groups, ft_cfg, track_every=s.track_every,
                                     resume=False, model_spec=s.model)
     phase("finetune")
-    behaviour["finetuned"] = _stage(result.model, tok, harmful, util_eval, "finetuned", log)
+    behaviour["finetuned"] = _stage(result.model, tok, harmful, util_eval, "finetuned", log,
+                                   s.max_new_tokens)
     phase("measure finetuned")
     (out / "analysis").mkdir()
     stats = write_analysis(out / "finetune", out / "analysis", n_boot=s.n_boot, seed=s.seed)
