@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from nn_cls.cli import main
 from nn_cls.config import compose, to_engine
 from nn_cls.distributed import Runtime, SyncedOptimizer, runtime
 from nn_cls.engine import EngineConfig, _examples, _features, load_checkpoint, run_stream
@@ -120,13 +121,17 @@ def test_plain_runtime_is_the_identity(tiny_llama):
     assert isinstance(Runtime(None, mixed_precision="bf16").wrap(opt), SyncedOptimizer)
 
 
-def test_fp16_without_cuda_is_one_error_before_loading():
+def test_fp16_without_cuda_is_one_error_before_loading(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(NNError, match="fp16 needs a CUDA device"):
         to_engine(compose("train", ["model=tiny_llama", "train.mixed_precision=fp16"]))
     with pytest.raises(NNError, match="mixed_precision must be one of"):
         to_engine(compose("train", ["model=tiny_llama", "train.mixed_precision=fp8"]))
+    assert main(["train", "model=tiny_llama", "train.mixed_precision=fp16", f"out={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fp16 needs a CUDA device" in err[0]
+    assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
 def test_bf16_autocast_run_on_cpu_completes_with_finite_losses():
