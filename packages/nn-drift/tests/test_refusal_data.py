@@ -46,6 +46,18 @@ def test_utility_mix_and_bad_specs():
         load_examples("task:no_such_task")
 
 
+def test_assistant_style_utility():
+    from nn_drift.data import ASSISTANT_OPENERS
+
+    plain = load_examples("utility", limit=7, seed=3)
+    styled = load_examples("assistant", limit=7, seed=3)
+    assert [e.prompt for e in styled] == [e.prompt for e in plain]
+    for i, (a, b) in enumerate(zip(styled, plain, strict=True)):
+        opener = ASSISTANT_OPENERS[i % len(ASSISTANT_OPENERS)]
+        assert a.response == f"{opener}\n\n{b.response}"
+        assert not is_refusal(a.response)
+
+
 def test_response_batches_mask_prompts(tiny_llama):
     _, tok = tiny_llama
     b = response_batches(tok, load_examples("safety", limit=3), batch_size=2)

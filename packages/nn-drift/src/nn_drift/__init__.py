@@ -17,7 +17,8 @@ from nn_core.lazy import lazy_exports
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "data": ["UTILITY_TASKS", "embedded_records", "load_examples", "response_batches"],
+    "data": ["ASSISTANT_OPENERS", "UTILITY_TASKS", "embedded_records", "load_examples",
+             "response_batches"],
     "refusal": ["REFUSAL_PHRASES", "is_refusal", "refusal_rate"],
     "scores": ["ParamMeta", "ScoreTable", "compute_scores", "load_scores"],
     "groups": ["make_groups", "neuron_scores", "summary", "top_neurons", "top_weights"],
@@ -47,6 +48,7 @@ if TYPE_CHECKING:  # static analysers see the real names
         utility_eval,
     )
     from nn_drift.data import (  # noqa: F401
+        ASSISTANT_OPENERS,
         UTILITY_TASKS,
         embedded_records,
         load_examples,

@@ -9,6 +9,11 @@
 * ``utility`` (default utility data): nn-eval's synthetic task suite, an equal share of
   each of :data:`UTILITY_TASKS` (seeded, deterministic); ``task:NAME[,NAME...]``: chosen
   tasks.
+* ``assistant``: the same synthetic tasks answered in a chat assistant's style: every
+  response opens with one of :data:`ASSISTANT_OPENERS` (in turn), a blank line, then the
+  task's answer. Benign (no harmful content), like general instruction data whose answers
+  always comply; ``nn-drift run`` fine-tunes on it by default (see docs/nn-drift.md for
+  why: the plain tasks leave refusals untouched).
 * anything else: a local JSON/JSONL/CSV/Parquet file or folder in Alpaca, ShareGPT,
   Dolly or simple format, or a hub dataset, through :func:`nn_core.data.load_instructions`.
 
@@ -28,6 +33,9 @@ from nn_core.errors import NNError
 SAFETY = "safety"
 SAFETY_HELDOUT = "safety-heldout"
 UTILITY = "utility"
+ASSISTANT = "assistant"
+ASSISTANT_OPENERS = ("Sure! Here is the answer.", "Of course, here you go.",
+                     "Happy to help! Here it is.")
 TASK_PREFIX = "task:"
 UTILITY_TASKS = ("reverse_words", "uppercase", "sort_numbers", "add", "copy", "spell_number")
 _FILES = {SAFETY: "safety.jsonl", SAFETY_HELDOUT: "safety_heldout.jsonl"}
@@ -65,6 +73,11 @@ def load_examples(spec: str, *, limit: int | None = None, seed: int = 0) -> list
         return ex[:limit] if limit is not None else ex
     if spec == UTILITY:
         return _tasks(UTILITY_TASKS, limit, seed)
+    if spec == ASSISTANT:
+        from dataclasses import replace
+
+        return [replace(e, response=f"{ASSISTANT_OPENERS[i % len(ASSISTANT_OPENERS)]}\n\n{e.response}")
+                for i, e in enumerate(_tasks(UTILITY_TASKS, limit, seed))]
     if spec.startswith(TASK_PREFIX):
         names = [n.strip() for n in spec[len(TASK_PREFIX):].split(",") if n.strip()]
         if not names:

@@ -22,26 +22,28 @@ class RunSettings:
     model: str = "smollm2-135m"
     align: str = "auto"  # auto | yes | no
     align_threshold: float = 0.5
-    align_steps: int = 60
+    align_steps: int = 24
     align_lr: float = 1e-3
-    n_score: int = 32
+    n_score: int = 16
     methods: tuple[str, ...] = ("set-diff", "snip-top", "utility-top", "random")
     k: float = 0.01
     q: float = 0.1
     p: float = 0.1
-    finetune_steps: int = 60
+    finetune_steps: int = 30
+    finetune_data: str = "assistant"
     finetune_lr: float = 1e-3
     track_every: int = 10
     lora_r: int = 8
     batch_size: int = 4
     max_length: int = 256
     n_eval: int = 20
-    max_new_tokens: int = 48
+    max_new_tokens: int = 32
     n_boot: int = 500
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
     phases: dict = field(default_factory=dict)
+    cpu_seconds: dict = field(default_factory=dict)
 
 
 def _stage(model, tok, harmful, utility, name: str, log=print, max_new_tokens: int = 48) -> dict:
@@ -64,17 +66,26 @@ def run_pipeline(s: RunSettings, out: Path, *, log=print) -> dict:
     from nn_drift.groups import make_groups, summary
     from nn_drift.scores import compute_scores
 
-    t = time.perf_counter()
+    def cpu() -> float:  # user + system CPU seconds of this process
+        import resource
+
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    t, c = time.perf_counter(), cpu()
 
     def phase(name):
-        nonlocal t
-        now = time.perf_counter()
-        s.phases[name] = round(now - t, 2)
-        t = now
-        log(f"[{name}] {s.phases[name]:.1f}s")
+        nonlocal t, c
+        now, cnow = time.perf_counter(), cpu()
+        s.phases[name], s.cpu_seconds[name] = round(now - t, 2), round(cnow - c, 2)
+        t, c = now, cnow
+        log(f"[{name}] {s.phases[name]:.1f}s wall, {s.cpu_seconds[name]:.1f}s CPU")
 
     harmful = load_examples(SAFETY_HELDOUT, limit=s.n_eval)
     util_eval = load_examples("utility", limit=s.n_eval, seed=s.seed + 1)
+    # every data spec is read before the model is loaded: bad input fails first
+    benign = load_examples(s.finetune_data, limit=max(64, s.finetune_steps * s.batch_size),
+                           seed=s.seed + 3)
     model, tok = load_model(s.model, device=s.device, dtype=s.dtype, seed=s.seed)
     behaviour = {"original": _stage(model, tok, harmful, util_eval, "original", log, s.max_new_tokens)}
     phase("measure original")
@@ -113,9 +124,9 @@ def run_pipeline(s: RunSettings, out: Path, *, log=print) -> dict:
                        lora_alpha=2 * s.lora_r, learning_rate=s.finetune_lr,
                        max_steps=s.finetune_steps, batch_size=s.batch_size,
                        max_length=s.max_length, seed=s.seed, save_steps=10**9, logging_steps=10)
-    benign = load_examples("utility", limit=max(64, s.finetune_steps * s.batch_size), seed=s.seed + 3)
     result, _ = finetune_with_drift(model, tok, benign, groups, ft_cfg, track_every=s.track_every,
-                                    resume=False, model_spec=s.model)
+                                    resume=False, model_spec=s.model,
+                                    manifest_extra={"data": s.finetune_data})
     phase("finetune")
     behaviour["finetuned"] = _stage(result.model, tok, harmful, util_eval, "finetuned", log,
                                    s.max_new_tokens)
@@ -125,7 +136,8 @@ def run_pipeline(s: RunSettings, out: Path, *, log=print) -> dict:
     phase("analyze")
     (out / "behaviour.json").write_text(json.dumps(behaviour, indent=2))
     return {"aligned": do_align, "behaviour": behaviour, "groups": summ["sizes"],
-            "statistics": stats, "phases": dict(s.phases)}
+            "statistics": stats, "phases": dict(s.phases), "cpu_seconds": dict(s.cpu_seconds),
+            "settings": {k: v for k, v in vars(s).items() if k not in ("phases", "cpu_seconds")}}
 
 
 def verdict_table(result: dict) -> str:
