@@ -6,7 +6,11 @@ import torch
 from nn_core.errors import NNError
 from nn_core.intervene.hooks import hooked
 from nn_core.model.sites import SiteRef
-from nn_core.numerics.integrated_gradients import integrated_gradients, target_positions
+from nn_core.numerics.integrated_gradients import (
+    integrated_gradients,
+    packed_layout_applies,
+    target_positions,
+)
 
 captum_methods = pytest.importorskip("captum.attr._utils.approximation_methods")
 captum_attr = pytest.importorskip("captum.attr")
@@ -238,3 +242,104 @@ def test_kv_cache_all_layers_in_one_batch_equal_per_layer(tiny_models, encode, a
                                  engine="kv_cache", max_batch=5, **kw)
     torch.testing.assert_close(again, per_layer[:, [1, 0, 1]], rtol=1e-5,
                                atol=1e-5 * float(per_layer.abs().max()))
+
+
+def test_kv_cache_layouts_equal_full_on_every_architecture(tiny_models, encode, arch):
+    """Both layouts of kv_cache (variants as extra tokens over the shared prefix cache, and
+    variants as batch rows) give the full engine's attributions on a left-padded batch of
+    mixed lengths, for any chunking (all variants of all rows in one forward, a row's
+    variants split over forwards, rows grouped), and return the clean logits."""
+    model, tok = tiny_models(arch)
+    enc = encode(tok, TEXTS, padding_side="left")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    assert packed_layout_applies(model, ids.shape[1])
+    alphas, weights = quadrature("riemann_trapezoid", 3)
+    kw = dict(alphas=alphas, weights=weights, target_ids=TARGETS)
+    full = integrated_gradients(model, ids, mask, max_batch=4, **kw)
+    scale = float(full.abs().max())
+    assert scale > 0
+    for layout, max_batch in (("packed", 64), ("packed", 4), ("packed", 12), ("rows", 7)):
+        kv, logits = integrated_gradients(model, ids, mask, engine="kv_cache", layout=layout,
+                                          max_batch=max_batch, return_logits=True, **kw)
+        torch.testing.assert_close(kv, full, rtol=1e-5, atol=1e-5 * scale)
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask,
+                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+        torch.testing.assert_close(logits, ref.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_argmax_target_and_layout_caps(tiny_models, encode):
+    """target_ids='argmax' is each row's argmax of its clean logits; a callable max_batch
+    is asked for the cap of the layouts the engine actually runs."""
+    model, tok = tiny_models("llama")
+    enc = encode(tok, TEXTS, padding_side="left")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    alphas, weights = quadrature("gausslegendre", 3)
+    asked = []
+
+    def cap(layout):
+        asked.append(layout)
+        return 5
+
+    att, logits = integrated_gradients(model, ids, mask, alphas=alphas, weights=weights, target_ids="argmax",
+                                       engine="kv_cache", max_batch=cap, return_logits=True)
+    assert set(asked) == {"rows", "packed"}
+    explicit = integrated_gradients(model, ids, mask, alphas=alphas, weights=weights,
+                                    target_ids=logits.argmax(-1), engine="full", max_batch=cap)
+    assert asked[-1] == "full"
+    torch.testing.assert_close(att, explicit, rtol=1e-5, atol=1e-5 * float(explicit.abs().max()))
+    with pytest.raises(NNError, match="argmax"):
+        integrated_gradients(model, ids, mask, alphas=alphas, weights=weights, target_ids="gold")
+    with pytest.raises(NNError, match="max_batch"):
+        integrated_gradients(model, ids, mask, alphas=alphas, weights=weights, target_ids="argmax",
+                             engine="kv_cache", max_batch=lambda layout: 0)
+    with pytest.raises(NNError, match="layout"):
+        integrated_gradients(model, ids, mask, alphas=alphas, weights=weights, target_ids="argmax",
+                             engine="kv_cache", layout="x")
+
+
+def test_packed_layout_falls_back_when_its_check_fails(tiny_models, encode, monkeypatch):
+    """The packed layout's unsubstituted check variant catches an attention that does not
+    honour its 4-D mask (here: a plain causal mask, so variants see each other): 'auto'
+    then computes by rows (same result as the full engine), 'packed' refuses."""
+    import nn_core.numerics.integrated_gradients as ig
+
+    model, tok = tiny_models("llama")
+    enc = encode(tok, TEXTS, padding_side="left")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    alphas, weights = quadrature("riemann_trapezoid", 3)
+    kw = dict(alphas=alphas, weights=weights, target_ids=TARGETS, max_batch=64)
+    full = integrated_gradients(model, ids, mask, **kw)
+
+    def causal(prefix_mask, n, dtype):
+        b, p = prefix_mask.shape
+        allow = torch.cat([prefix_mask.bool()[:, None, :].expand(b, n, p),
+                           torch.ones(n, n, dtype=torch.bool).tril().expand(b, n, n)], dim=-1)
+        return torch.zeros(b, 1, n, p + n, dtype=dtype).masked_fill_(~allow[:, None], torch.finfo(dtype).min)
+
+    monkeypatch.setattr(ig, "_variant_mask", causal)
+    calls = []
+    real_rows = ig._kv_rows
+    monkeypatch.setattr(ig, "_kv_rows", lambda *a: calls.append(1) or real_rows(*a))
+    auto = integrated_gradients(model, ids, mask, engine="kv_cache", **kw)
+    assert calls  # the rows layout did the work
+    torch.testing.assert_close(auto, full, rtol=1e-5, atol=1e-5 * float(full.abs().max()))
+    with pytest.raises(NNError, match="layout='rows'"):
+        integrated_gradients(model, ids, mask, engine="kv_cache", layout="packed", **kw)
+
+
+def test_packed_layout_not_used_past_a_sliding_window(tiny_models):
+    """gemma2's sliding window (64 tokens in the tiny model) is shorter than this sequence:
+    the packed layout does not apply ('packed' refuses, 'auto' uses rows) and kv_cache
+    still equals the full engine."""
+    model, _ = tiny_models("gemma2")
+    window = model.config.sliding_window
+    ids = torch.randint(5, 200, (1, window + 6), generator=torch.Generator().manual_seed(1))
+    assert not packed_layout_applies(model, ids.shape[1]) and packed_layout_applies(model, window)
+    alphas, weights = quadrature("gausslegendre", 2)
+    kw = dict(alphas=alphas, weights=weights, target_ids=[7], max_batch=8)
+    full = integrated_gradients(model, ids, **kw)
+    kv = integrated_gradients(model, ids, engine="kv_cache", **kw)
+    torch.testing.assert_close(kv, full, rtol=1e-5, atol=1e-5 * float(full.abs().max()))
+    with pytest.raises(NNError, match="packed layout needs"):
+        integrated_gradients(model, ids, engine="kv_cache", layout="packed", **kw)

@@ -105,6 +105,29 @@ def test_mixed_lengths_batch_equals_batch_size_one(tiny, arch):
         assert tok_b[i] == tok_1[0] and prob_b[i] == pytest.approx(prob_1[0], rel=1e-5)
 
 
+def test_fast_engine_reads_the_prompt_once(tiny):
+    """The fast engine's forwards: the prefix (all but the target token) once with a KV
+    cache, the target token once (clean activations, target token and probability), then
+    every (layer, step) variant as extra tokens of the one sequence, plus the check
+    variant, in a single forward. No full-prompt pass."""
+    model, tok = tiny("llama")
+    enc = _encoded(tok, PROMPTS[:1])
+    n, steps = len(enc[0].ids), 3
+    shapes = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda mod, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        _, token, prob = attribute(model, enc, method="riemann_trapezoid", steps=steps,
+                                   pad_id=tok.pad_token_id)
+    finally:
+        hook.remove()
+    assert shapes == [(1, n - 1), (1, 1), (1, model.config.num_hidden_layers * steps + 1)]
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=torch.tensor([enc[0].ids])).logits[0, -1], -1)
+    assert int(token[0]) == int(probs.argmax())
+    assert float(prob[0]) == pytest.approx(float(probs.max()), rel=1e-5)
+
+
 def test_chunking_to_a_small_memory_budget_changes_nothing(tiny):
     model, tok = tiny("qwen2")
     enc = _encoded(tok)
