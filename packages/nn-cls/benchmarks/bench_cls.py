@@ -10,14 +10,23 @@ warm-up (interleaving makes a loaded machine slow both sides alike):
   plain step of the same model: forward of the LoRA'd base alone, token-mean NLL on the
   response tokens, backward, AdamW step on the LoRA parameters. ``ratio = wake / plain``
   (target <= 1.3).
-* ``sleep``: :func:`nn_cls.phases.sleep_step` (replay + pseudo-rehearsal mix with
-  ``pseudo_ratio`` 0.25, sparse top-k KL, EWC penalty with a filled Fisher) against a plain
-  LoRA distillation step: forward of the base on the same number of replay rows, full-vocab
-  ``KL(softmax(teacher) ‖ softmax(student))`` on their supervised positions toward dense
-  teacher logits held in memory, backward, AdamW step. ``ratio = sleep / plain`` (target <= 1.3).
+* ``sleep``: a whole sleep of ``--sleep-steps`` steps as the engine runs it, per step:
+  :func:`nn_cls.phases.pseudo_pool` (the sleep's pseudo-rehearsal prompts labelled once by
+  base + hippocampus, no grad) plus that many :func:`nn_cls.phases.sleep_step` (replay +
+  pseudo mix with ``pseudo_ratio`` 0.25, sparse top-k KL, EWC penalty with a filled Fisher,
+  one backward, AdamW step), against as many plain LoRA distillation steps: forward of the
+  base on the same number of replay rows, full-vocab ``KL(softmax(teacher) ‖
+  softmax(student))`` on their supervised positions toward dense teacher logits held in
+  memory, backward, AdamW step. ``ratio = sleep / plain`` (target <= 1.3). The parts are
+  timed too (same interleaving): ``label_s`` (the pool's labelling, per sleep step),
+  ``ewc_s`` (EWC penalty forward + backward alone) and ``step_s`` (a sleep step with its
+  pseudo episodes already labelled).
 * ``replay``: bytes per episode as stored (ids, labels, top-k float16 log-probs + int32 ids
   + log tail mass per supervised position) against the seed's layout (full-vocab float32
   logits at every position, :func:`nn_cls.replay.full_logits_bytes`), mean over the buffer.
+
+The load average (``os.getloadavg``) before and after is recorded: the ratios are the
+meaningful figures on a shared machine, not the seconds.
 
     uv run python packages/nn-cls/benchmarks/bench_cls.py [--reps 5] [--batch 4] [--out f.json]
 """
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -39,6 +49,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--top-k", type=int, default=32)
+    ap.add_argument("--sleep-steps", type=int, default=4, help="steps per timed sleep (the pool is labelled once)")
+    ap.add_argument("--fill", type=int, default=6, help="wake steps that fill replay before timing")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -46,7 +58,7 @@ def main() -> None:
     import torch.nn.functional as F
 
     from nn_cls.hippocampus import HippocampusConfig
-    from nn_cls.phases import OnlineEWC, _lm_loss, sleep_step, wake_step
+    from nn_cls.phases import OnlineEWC, _lm_loss, pseudo_pool, sleep_step, wake_step
     from nn_cls.replay import ReplayBuffer, collate_episodes, full_logits_bytes
     from nn_cls.system import CLSSystem
     from nn_core.data.batching import collate
@@ -57,6 +69,7 @@ def main() -> None:
     from nn_core.train.lora import prepare_model
     from nn_eval.tasks import make_split
 
+    load_before = os.getloadavg()
     torch.manual_seed(0)
     model, tok = load_model(args.model, device=args.device, dtype="float32")
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -108,7 +121,7 @@ def main() -> None:
     def plain_wake():
         plain_step(next_batch())
 
-    for _ in range(len(batches)):  # fill replay with every batch's episodes (and warm up)
+    for _ in range(max(args.fill, 2)):  # fill replay (and warm up)
         cls_wake()
     plain_wake()
     wt = {"cls": [], "plain": []}
@@ -128,10 +141,15 @@ def main() -> None:
             b, _, m = collate_episodes(replay.sample(args.batch), pad)
             dense.append((b, system.forward(b, hippocampus=True)[:, :-1].detach().clone(), m))
 
-    def cls_sleep():
-        sleep_step(system, replay, sleep_opt, batch_size=args.batch, pseudo_ratio=0.25, ewc=ewc, pad_id=pad)
+    S = max(args.sleep_steps, 1)
 
-    def plain_sleep():
+    def cls_sleep():
+        pool = pseudo_pool(system, replay, S, batch_size=args.batch, pseudo_ratio=0.25)
+        for s in range(S):
+            sleep_step(system, replay, sleep_opt, batch_size=args.batch, pseudo_ratio=0.25, ewc=ewc,
+                       pad_id=pad, pseudo=pool[s])
+
+    def plain_one():
         counter["i"] += 1
         b, teacher, m = dense[counter["i"] % len(dense)]
         s = F.log_softmax(system.forward(b, hippocampus=False)[:, :-1].float(), -1)
@@ -141,12 +159,32 @@ def main() -> None:
         kl.backward()
         sleep_opt.step()
 
+    def plain_sleep():
+        for _ in range(S):
+            plain_one()
+
+    def label_only():
+        pseudo_pool(system, replay, S, batch_size=args.batch, pseudo_ratio=0.25)
+
+    fixed_pool = pseudo_pool(system, replay, 1, batch_size=args.batch, pseudo_ratio=0.25)[0]
+
+    def step_only():
+        sleep_step(system, replay, sleep_opt, batch_size=args.batch, pseudo_ratio=0.25, ewc=ewc,
+                   pad_id=pad, pseudo=fixed_pool)
+
+    def ewc_only():
+        sleep_opt.zero_grad(set_to_none=True)
+        ewc.penalty().backward()
+
     cls_sleep()
     plain_sleep()
-    st = {"cls": [], "plain": []}
+    st = {"cls": [], "plain": [], "label": [], "step": [], "ewc": []}
     for _ in range(args.reps):
-        st["cls"].append(timed(cls_sleep))
-        st["plain"].append(timed(plain_sleep))
+        st["cls"].append(timed(cls_sleep) / S)
+        st["plain"].append(timed(plain_sleep) / S)
+        st["label"].append(timed(label_only) / S)
+        st["step"].append(timed(step_only))
+        st["ewc"].append(timed(ewc_only))
 
     vocab = system.model.get_output_embeddings().weight.shape[0]
     eps = replay.items
@@ -159,13 +197,17 @@ def main() -> None:
         "wake": {"cls_s": round(med(wt["cls"]), 4), "plain_s": round(med(wt["plain"]), 4),
                  "ratio": round(med(wt["cls"]) / med(wt["plain"]), 3), "target": 1.3},
         "sleep": {"cls_s": round(med(st["cls"]), 4), "plain_s": round(med(st["plain"]), 4),
-                  "ratio": round(med(st["cls"]) / med(st["plain"]), 3), "target": 1.3},
+                  "ratio": round(med(st["cls"]) / med(st["plain"]), 3), "target": 1.3,
+                  "sleep_steps": S, "label_s": round(med(st["label"]), 4),
+                  "step_s": round(med(st["step"]), 4), "ewc_s": round(med(st["ewc"]), 5)},
         "replay": {"top_k": args.top_k, "vocab": vocab, "episodes": len(eps),
                    "tokens_per_episode": round(sum(e.input_ids.numel() for e in eps) / len(eps), 1),
                    "supervised_per_episode": round(sum(e.positions.numel() for e in eps) / len(eps), 1),
                    "bytes_per_episode": round(stored, 1), "full_vocab_bytes_per_episode": round(full, 1),
                    "ratio": round(stored / full, 6)},
     }
+    out["load_average"] = {"before": [round(x, 2) for x in load_before],
+                           "after": [round(x, 2) for x in os.getloadavg()]}
     system.close()
     text = json.dumps(out, indent=2)
     print(text)

@@ -55,6 +55,8 @@ class ModelConfig:
     head_only: bool = False  # inject before the LM head instead (the seed's fallback)
     lora_r: int = 8
     lora_targets: list[str] = field(default_factory=lambda: ["down_proj"])
+    base_train: str = "lora"  # how the base trains: lora (on lora_targets) | full (full_modules, rest frozen)
+    full_modules: list[str] = field(default_factory=lambda: ["down_proj"])  # base_train=full: modules to train
 
 
 @dataclass
@@ -99,6 +101,7 @@ class ConsolidationConfig:
     pseudo_ratio: float = 0.25
     ewc_lambda: float = 100.0
     ewc_gamma: float = 0.9
+    fisher_per_sample: bool = True  # Fisher of per-sample (true) or per-batch (false) squared gradients
     refresh_threshold: float = 0.6
     refresh_factor: float = 0.5
     probe_size: int = 8
@@ -275,6 +278,8 @@ def to_engine(cfg: DictConfig | TrainConfig, *, method: str | None = None, seed:
         n_eval=c.benchmark.n_eval, max_length=c.train.max_length, steps_per_task=c.train.steps_per_task,
         batch_size=c.train.batch_size, lr_wake=c.train.lr_wake, lr_sleep=c.train.lr_sleep,
         lora_r=c.model.lora_r, lora_targets=tuple(c.model.lora_targets), top_k=c.replay.top_k,
+        base_train=c.model.base_train, full_modules=tuple(c.model.full_modules),
+        fisher_per_sample=c.consolidation.fisher_per_sample,
         replay_capacity=c.replay.capacity, replay_sampling=c.replay.sampling,
         sleep_batch_size=c.consolidation.sleep_batch_size, pseudo_ratio=c.consolidation.pseudo_ratio,
         ewc_lambda=c.consolidation.ewc_lambda, ewc_gamma=c.consolidation.ewc_gamma,

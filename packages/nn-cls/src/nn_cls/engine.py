@@ -37,13 +37,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nn_cls.distributed import MIXED_PRECISION, backward, runtime
+from nn_cls.distributed import MIXED_PRECISION, runtime
 from nn_cls.hippocampus import HippocampusConfig
 from nn_cls.phases import (
     OnlineEWC,
     SchedulerConfig,
     SleepScheduler,
     probe_forgetting,
+    pseudo_pool,
     refresh,
     sleep_step,
     wake_step,
@@ -112,6 +113,10 @@ class EngineConfig:
     lr_sleep: float = 1e-3
     lora_r: int = 8
     lora_targets: tuple[str, ...] = ("down_proj",)
+    #: how the base trains (sleep; the baselines' wake): ``lora`` (PEFT LoRA on ``lora_targets``)
+    #: or ``full`` (full fine-tuning of the modules named in ``full_modules``, the rest frozen)
+    base_train: str = "lora"
+    full_modules: tuple[str, ...] = ("down_proj",)
     top_k: int = 32
     replay_capacity: int = 256
     replay_sampling: str = "uniform"
@@ -119,6 +124,8 @@ class EngineConfig:
     pseudo_ratio: float = 0.25
     ewc_lambda: float = 100.0
     ewc_gamma: float = 0.9
+    #: Fisher units: per-sample squared gradients (True) or per-batch (False)
+    fisher_per_sample: bool = True
     refresh_threshold: float = 0.6
     refresh_factor: float = 0.5
     probe_size: int = 8
@@ -143,6 +150,11 @@ class EngineConfig:
             raise NNError(f"a continual stream needs at least 2 tasks, got {list(self.tasks)}")
         if self.steps_per_task < 1 or self.batch_size < 1:
             raise NNError("steps_per_task and batch_size must be at least 1")
+        if self.base_train not in ("lora", "full"):
+            raise NNError(f"model.base_train must be lora or full, got '{self.base_train}'")
+        if self.base_train == "full" and not self.full_modules:
+            raise NNError("model.base_train=full needs the modules to train: set model.full_modules "
+                          "(e.g. [down_proj])")
         if self.mixed_precision not in MIXED_PRECISION:
             raise NNError(f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got "
                           f"'{self.mixed_precision}'")
@@ -203,14 +215,20 @@ def evaluate(system: CLSSystem, feats: list, pad_id: int, batch_size: int = 8, *
     return (hits / n, loss / n, n) if n else (math.nan, math.nan, 0)
 
 
+_HASH_DEFAULTS = {"mixed_precision": "no", "base_train": "lora", "full_modules": ("down_proj",),
+                  "fisher_per_sample": True}
+
+
 def config_hash(cfg: EngineConfig, identity: Mapping | None = None) -> str:
     """First 16 hex digits of the SHA-256 of the canonical JSON of ``asdict(cfg)`` plus
     ``identity`` (e.g. the model name): two runs may share a checkpoint only if they agree.
-    ``mixed_precision="no"`` (the default) is left out, so checkpoints written before the key
-    existed keep their hash."""
+    Keys added later are left out at their defaults (:data:`_HASH_DEFAULTS`:
+    ``mixed_precision="no"``, ``base_train="lora"``, ``full_modules=("down_proj",)``,
+    ``fisher_per_sample=True``), so checkpoints written before they existed keep their hash."""
     engine = asdict(cfg)
-    if engine.get("mixed_precision") == "no":
-        del engine["mixed_precision"]
+    for key, default in _HASH_DEFAULTS.items():
+        if key in engine and engine[key] == default:
+            del engine[key]
     blob = json.dumps({"engine": engine, "identity": dict(identity or {})}, sort_keys=True,
                       default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -310,9 +328,9 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str |
                        head_only=cfg.head_only, seed=cfg.seed, use_hippocampus=parts["hippocampus"])
     if rt.amp_dtype is not None:
         system.autocast = rt.autocast
-    system.model = prepare_model(system.model, SFTConfig(method="lora", lora_r=cfg.lora_r,
-                                                         target_modules=list(cfg.lora_targets),
-                                                         seed=cfg.seed))
+    system.model = prepare_model(system.model, SFTConfig(
+        method=cfg.base_train, lora_r=cfg.lora_r, target_modules=list(cfg.lora_targets), seed=cfg.seed,
+        trainable_modules=list(cfg.full_modules) if cfg.base_train == "full" else None))
     base_params = {n: p for n, p in system.model.named_parameters() if p.requires_grad}
     if parts["hippocampus"]:
         for p in base_params.values():
@@ -326,7 +344,8 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str |
     with torch.enable_grad():
         for p in base_params.values():
             p.requires_grad_(True)
-        ewc = OnlineEWC(base_params, lam=cfg.ewc_lambda, gamma=cfg.ewc_gamma) if parts["ewc"] else None
+        ewc = OnlineEWC(base_params, lam=cfg.ewc_lambda, gamma=cfg.ewc_gamma,
+                        per_sample=cfg.fisher_per_sample) if parts["ewc"] else None
         if parts["hippocampus"]:
             for p in base_params.values():
                 p.requires_grad_(False)
@@ -415,9 +434,13 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str |
         for p in base_params.values():
             p.requires_grad_(True)
         mix = []
+        # the sleep's pseudo-rehearsal episodes, labelled in one no-grad pass before its steps
+        pool = pseudo_pool(system, replay, n_steps, batch_size=cfg.sleep_batch_size,
+                           pseudo_ratio=cfg.pseudo_ratio, step=step)
         for s in range(n_steps):
             m, mix = sleep_step(system, replay, sleep_opt, batch_size=cfg.sleep_batch_size,
-                                pseudo_ratio=cfg.pseudo_ratio, ewc=ewc, pad_id=pad_id, step=step)
+                                pseudo_ratio=cfg.pseudo_ratio, ewc=ewc, pad_id=pad_id, step=step,
+                                pseudo=pool[s])
             m = rt.reduce_metrics(m, sums=("replay_batch_size_sleep", "pseudo_batch_size"))
             emit({"phase": "sleep", "step": step, "sleep_step": s, "reason": reason, **m})
         if ewc is not None and mix:
@@ -446,16 +469,13 @@ def run_stream(cfg: EngineConfig, model, tok, *, log=None, checkpoint_dir: str |
             pick = torch.randint(len(train), (cfg.batch_size * rt.world_size,), generator=gen).tolist()
             pick = pick[rt.rank * cfg.batch_size:(rt.rank + 1) * cfg.batch_size]
             batch = collate([train[j] for j in pick], pad_id)
+            # the ewc baseline: penalty in the same loss as the task loss (one backward)
             m = wake_step(system, batch, wake_opt, task=i, step=s, replay=replay, top_k=cfg.top_k,
-                          hippocampus=parts["hippocampus"])
+                          hippocampus=parts["hippocampus"], ewc=ewc if not parts["sleep"] else None)
             if parts["replay_steps"] and len(replay) > cfg.batch_size:
                 rb = collate_episodes(replay.sample(cfg.batch_size), pad_id)[0]
                 m["replay_loss"] = wake_step(system, rb, wake_opt, task=i, step=s,
                                              hippocampus=False)["wake_loss"]
-            if ewc is not None and not parts["sleep"] and ewc.fisher:
-                wake_opt.zero_grad(set_to_none=True)
-                backward(wake_opt, ewc.penalty())
-                wake_opt.step()
             if rt.distributed:  # losses: mean over ranks; rows, tokens, replay sizes: sums
                 m["replay_size"] = len(replay)
                 m = rt.reduce_metrics(m, sums=("replay_added_this_step", "batch_rows",

@@ -57,7 +57,7 @@ from nn_core.numerics.loss import IGNORE_INDEX, causal_labels
 from nn_core.numerics.sparse_logits import sparse_kl
 
 __all__ = ["OnlineEWC", "SchedulerConfig", "SleepScheduler", "agreement", "probe_forgetting",
-           "refresh", "sleep_step", "wake_step"]
+           "pseudo_pool", "pseudo_rehearsal", "refresh", "sleep_step", "wake_step"]
 
 
 def _lm_loss(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -76,8 +76,12 @@ def _lm_loss(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> tuple[t
 
 def wake_step(system: CLSSystem, batch: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer, *,
               task: int, step: int, replay: ReplayBuffer | None = None, top_k: int = 32,
-              hippocampus: bool = True) -> dict:
-    """One wake step (see the module docs); returns its metrics."""
+              hippocampus: bool = True, ewc: OnlineEWC | None = None) -> dict:
+    """One wake step (see the module docs); returns its metrics.
+
+    ``ewc`` (the ``ewc`` baseline, which trains the base while awake): its penalty
+    ``(λ/2) Σ F (θ − θ*)²`` joins the task loss, ``loss = NLL (+ aux) + penalty``, and one
+    backward and one optimizer step train on the sum (no-op before the first Fisher)."""
     h = system.hippocampus
     h.train()
     h.task_id = task
@@ -85,6 +89,9 @@ def wake_step(system: CLSSystem, batch: Mapping[str, torch.Tensor], optimizer: t
     logits = system.forward(batch, hippocampus=use_h)
     lm, n = _lm_loss(logits, batch)
     loss = lm + h.aux_loss if use_h else lm
+    penalty = ewc.penalty() if ewc is not None and ewc.fisher else None
+    if penalty is not None:
+        loss = loss + penalty.to(loss.device)
     optimizer.zero_grad(set_to_none=True)
     backward(optimizer, loss)  # loss.backward(); fp16 loss scaling under AMP (nn_cls.distributed)
     optimizer.step()
@@ -96,55 +103,109 @@ def wake_step(system: CLSSystem, batch: Mapping[str, torch.Tensor], optimizer: t
         replay.add_batch(eps)
         added = len(eps)
     total = int(batch["input_ids"].numel())
-    return {"wake_loss": float(lm.detach()), "aux_loss": float(h.aux_loss.detach()) if use_h else 0.0,
+    out = {"ewc_penalty": float(penalty.detach())} if penalty is not None else {}
+    return {**out, "wake_loss": float(lm.detach()), "aux_loss": float(h.aux_loss.detach()) if use_h else 0.0,
             "replay_added_this_step": added, "batch_rows": n_rows,
             "batch_supervised_tokens": n, "batch_supervised_fraction": n / max(total, 1)}
 
 
-def _pseudo(system: CLSSystem, episodes: Sequence[Episode], k: int, step: int) -> list[Episode]:
-    """Replay prompts relabelled by the current base + hippocampus."""
+def pseudo_rehearsal(system: CLSSystem, episodes: Sequence[Episode], *, k: int, step: int = 0,
+                     chunk: int = 8) -> list[Episode]:
+    """``episodes``' prompts relabelled by the current base + hippocampus: one no-grad forward
+    per ``chunk`` rows (hippocampus in eval mode, so its usage statistics do not move); each
+    new episode keeps its source's tokens, labels and task and gets the top-``k`` teacher of
+    that forward at the same supervised positions."""
+    out: list[Episode] = []
     if not episodes:
-        return []
-    pad = 0
-    batch, _, _ = collate_episodes(episodes, pad)
+        return out
     was = system.hippocampus.training
     system.hippocampus.eval()
-    with torch.no_grad():
-        logits = system.forward(batch, hippocampus=True)
-    system.hippocampus.train(was)
-    out = episodes_from_batch(batch, logits.cpu(), task=-1, step=step, k=k)
-    for e, src in zip(out, episodes, strict=True):
-        e.task = src.task
+    try:
+        for i in range(0, len(episodes), max(int(chunk), 1)):
+            part = episodes[i:i + max(int(chunk), 1)]
+            batch, _, _ = collate_episodes(part, 0)
+            with torch.no_grad():
+                logits = system.forward(batch, hippocampus=True)
+            new = episodes_from_batch(batch, logits, task=-1, step=step, k=k)
+            for e, src in zip(new, part, strict=True):
+                e.task = src.task
+            out += new
+    finally:
+        system.hippocampus.train(was)
     return out
+
+
+def pseudo_pool(system: CLSSystem, replay: ReplayBuffer, steps: int, *, batch_size: int = 8,
+                pseudo_ratio: float = 0.25, step: int = 0) -> list[list[Episode]]:
+    """The pseudo-rehearsal episodes of a whole sleep of ``steps`` steps, labelled at once:
+    ``steps · n_p`` replay prompts (``n_p = round(batch_size · pseudo_ratio)``) drawn from
+    ``replay`` and relabelled by :func:`pseudo_rehearsal` with the base + hippocampus as they
+    are when the sleep starts (the hippocampus does not change during a sleep); entry ``s``
+    is step ``s``'s share, for ``sleep_step(..., pseudo=pool[s])``."""
+    if not 0.0 <= pseudo_ratio <= 1.0:
+        raise NNError(f"consolidation.pseudo_ratio must be in [0, 1], got {pseudo_ratio}")
+    n_p = round(batch_size * pseudo_ratio)
+    if n_p == 0 or steps < 1 or not len(replay):
+        return [[] for _ in range(max(steps, 0))]
+    k = replay.items[0].teacher.k
+    src = [e for _ in range(steps) for e in replay.sample(n_p)]
+    eps = pseudo_rehearsal(system, src, k=k, step=step, chunk=max(batch_size, n_p))
+    return [eps[s * n_p:(s + 1) * n_p] for s in range(steps)]
 
 
 def sleep_step(system: CLSSystem, replay: ReplayBuffer, optimizer: torch.optim.Optimizer, *,
                batch_size: int = 8, pseudo_ratio: float = 0.25, ewc: OnlineEWC | None = None,
-               pad_id: int = 0, step: int = 0) -> tuple[dict, list[Episode]]:
-    """One sleep step; returns its metrics and the episodes it used (for the Fisher)."""
+               pad_id: int = 0, step: int = 0,
+               pseudo: Sequence[Episode] | None = None) -> tuple[dict, list[Episode]]:
+    """One sleep step; returns its metrics and the episodes it used (for the Fisher).
+
+    ``pseudo``: this step's pseudo-rehearsal episodes, already labelled (:func:`pseudo_pool`
+    labels a whole sleep in one pass); ``None`` labels ``n_p`` fresh replay prompts here with
+    one extra no-grad forward. The student forward runs with the hippocampus hook disabled
+    (base only); the loss is ``KL_S + (λ/2) Σ F (θ − θ*)²`` with one backward."""
     if not 0.0 <= pseudo_ratio <= 1.0:
         raise NNError(f"consolidation.pseudo_ratio must be in [0, 1], got {pseudo_ratio}")
-    n_p = round(batch_size * pseudo_ratio)
+    n_p = round(batch_size * pseudo_ratio) if pseudo is None else len(pseudo)
     n_r = batch_size - n_p
-    real = replay.sample(n_r) if n_r else []
-    k = replay.items[0].teacher.k
-    pseudo = _pseudo(system, replay.sample(n_p), k, step) if n_p else []
-    mix = real + pseudo
+    real = replay.sample(n_r) if n_r > 0 else []
+    if pseudo is None:
+        k = replay.items[0].teacher.k
+        pseudo = pseudo_rehearsal(system, replay.sample(n_p), k=k, step=step) if n_p else []
+    mix = real + list(pseudo)
     batch, teacher, kl_mask = collate_episodes(mix, pad_id)
     logits = system.forward(batch, hippocampus=False)
     kl = sparse_kl(logits[:, :-1], teacher.to(logits.device), kl_mask.to(logits.device))
-    penalty = ewc.penalty() if ewc is not None else torch.zeros((), device=logits.device)
-    loss = kl + penalty
+    penalty = ewc.penalty() if ewc is not None else None
+    loss = kl + penalty if penalty is not None else kl
     optimizer.zero_grad(set_to_none=True)
     backward(optimizer, loss)  # loss.backward(); fp16 loss scaling under AMP (nn_cls.distributed)
     optimizer.step()
-    return ({"sleep_kl": float(kl.detach()), "ewc_penalty": float(penalty.detach()), "replay_batch_size_sleep": len(real),
-             "pseudo_batch_size": len(pseudo),
+    return ({"sleep_kl": float(kl.detach()), "ewc_penalty": float(penalty.detach()) if penalty is not None else 0.0,
+             "replay_batch_size_sleep": len(real), "pseudo_batch_size": len(pseudo),
              "sleep_mix_ratio_pseudo": len(pseudo) / max(len(mix), 1)}, mix)
 
 
+class _FlatViews(dict):
+    """``{name: view}`` of one flat buffer; assigning an existing name copies into its view, so
+    the buffer stays the single source of truth (e.g. a data-parallel Fisher average)."""
+
+    def __setitem__(self, key, value) -> None:
+        if key in self:
+            with torch.no_grad():
+                self[key].copy_(torch.as_tensor(value).reshape(self[key].shape))
+        else:
+            super().__setitem__(key, value)
+
+
 class OnlineEWC:
-    """Online EWC over ``params`` (``{name: parameter}``, the parameters the base trains)."""
+    """Online EWC over ``params`` (``{name: parameter}``, the parameters the base trains).
+
+    Fisher diagonal and anchors live in two flat float32 buffers (one entry per trained
+    scalar, parameters concatenated in ``params`` order); :attr:`fisher` and :attr:`anchors`
+    are per-parameter views of them. :meth:`penalty` is then one fused expression
+    ``(λ/2) · Σ F ⊙ (θ − θ*)²`` over the concatenated parameters, not a Python loop of
+    small kernels per tensor (whose backward would be as long again).
+    """
 
     def __init__(self, params: Mapping[str, torch.nn.Parameter], *, lam: float = 1.0,
                  gamma: float = 0.9, per_sample: bool = True):
@@ -156,40 +217,57 @@ class OnlineEWC:
         self.lam, self.gamma, self.per_sample = float(lam), float(gamma), bool(per_sample)
         self.fisher: dict[str, torch.Tensor] = {}
         self.anchors: dict[str, torch.Tensor] = {}
+        self._flat_f: torch.Tensor | None = None
+        self._flat_a: torch.Tensor | None = None
         self.updates = 0
 
-    def penalty(self) -> torch.Tensor:
-        p0 = next(iter(self.params.values()))
-        if not self.fisher:
-            return torch.zeros((), device=p0.device)
-        total = torch.zeros((), device=p0.device)
+    def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        views, o = [], 0
         for n, p in self.params.items():
-            total = total + (self.fisher[n] * (p - self.anchors[n]).pow(2)).sum()
-        return 0.5 * self.lam * total
+            views.append((n, flat[o:o + p.numel()].view(p.shape)))
+            o += p.numel()
+        return _FlatViews(views)
+
+    def _set(self, fisher: Mapping[str, torch.Tensor], anchors: Mapping[str, torch.Tensor]) -> None:
+        dev = next(iter(self.params.values())).device
+        self._flat_f = torch.cat([fisher[n].reshape(-1).to(dev, torch.float32) for n in self.params])
+        self._flat_a = torch.cat([anchors[n].reshape(-1).to(dev, torch.float32) for n in self.params])
+        self.fisher, self.anchors = self._views(self._flat_f), self._views(self._flat_a)
+
+    def penalty(self) -> torch.Tensor:
+        """``(λ/2) Σ_i F_i (θ_i − θ*_i)²`` (differentiable w.r.t. the parameters; 0 before the
+        first :meth:`update`)."""
+        if self._flat_f is None:
+            return torch.zeros((), device=next(iter(self.params.values())).device)
+        theta = torch.cat([p.reshape(-1) for p in self.params.values()]).float()
+        d = theta - self._flat_a
+        return 0.5 * self.lam * torch.dot(self._flat_f * d, d)
 
     def update(self, system: CLSSystem, batches: Sequence[Mapping[str, torch.Tensor]]) -> dict:
         """``F ← γ F + F_new`` on ``batches`` (base only), then snapshot the anchors."""
         with system.base_only():
             stats = squared_grad_mean(system.model, self.params, batches, per_sample=self.per_sample)
         new = stats.as_dict()
-        for n, f in new.items():
-            self.fisher[n] = self.gamma * self.fisher[n] + f if n in self.fisher else f.clone()
-        self.anchors = {n: p.detach().clone() for n, p in self.params.items()}
+        fisher = {n: (self.gamma * self.fisher[n] + new[n].to(self.fisher[n].device)) if self.fisher else new[n]
+                  for n in self.params}
+        self._set(fisher, {n: p.detach() for n, p in self.params.items()})
         self.updates += 1
-        return {"fisher_units": stats.n_units, "fisher_mean": float(
-            sum(f.sum() for f in self.fisher.values()) / sum(f.numel() for f in self.fisher.values()))}
+        return {"fisher_units": stats.n_units, "fisher_per_sample": self.per_sample,
+                "fisher_mean": float(self._flat_f.mean())}
 
     def state_dict(self) -> dict:
-        return {"fisher": self.fisher, "anchors": self.anchors, "updates": self.updates,
-                "lam": self.lam, "gamma": self.gamma}
+        return {"fisher": dict(self.fisher), "anchors": dict(self.anchors), "updates": self.updates,
+                "lam": self.lam, "gamma": self.gamma, "per_sample": self.per_sample}
 
     def load_state_dict(self, state: Mapping) -> None:
-        missing = set(state["fisher"]) - set(self.params)
+        missing = set(state["fisher"]) ^ set(self.params) if state["fisher"] else set()
         if missing:
-            raise NNError(f"the checkpoint's EWC state names parameters this run does not train "
+            raise NNError(f"the checkpoint's EWC state names other parameters than this run trains "
                           f"({sorted(missing)[:3]}...): resume with the same config")
-        self.fisher = dict(state["fisher"])
-        self.anchors = dict(state["anchors"])
+        if state["fisher"]:
+            self._set(state["fisher"], state["anchors"])
+        else:
+            self.fisher, self.anchors, self._flat_f, self._flat_a = {}, {}, None, None
         self.updates = int(state["updates"])
 
 
