@@ -134,6 +134,37 @@ class _Tracked:
         return torch.cat([m for *_, m in self.parts]) if self.parts else torch.zeros(0, dtype=torch.long)
 
 
+@torch.no_grad()
+def read_all(model: nn.Module, tracked: Mapping[str, _Tracked]) -> dict[str, torch.Tensor]:
+    """The current values of every tracked group, ``{group: flat values in part order}``,
+    as :meth:`_Tracked.read` gives them, but reading each weight matrix once for all
+    groups: its effective weight W0 + Σ s·B A is formed densely (one rank-r product, cheap
+    next to gathering millions of entries through rank-r dot products) and every group's
+    entries are gathered from it, one matrix at a time (peak: one matrix, never a copy of
+    the model)."""
+    from nn_core.intervene.lora_views import effective_weight
+
+    by_name: dict[str, list[tuple[str, int]]] = {}
+    pieces: dict[str, list] = {}
+    for g, t in tracked.items():
+        pieces[g] = [None] * len(t.parts)
+        for k, (name, *_rest) in enumerate(t.parts):
+            by_name.setdefault(name, []).append((g, k))
+    for name, users in by_name.items():
+        w = effective_weight(model, name).detach()
+        for g, k in users:
+            _, how, idx, _ = tracked[g].parts[k]
+            if how == "flat":
+                v = w.reshape(-1).index_select(0, idx.to(w.device))
+            elif how == "dim0":
+                v = w.index_select(0, idx.to(w.device)).reshape(-1)
+            else:
+                v = w.index_select(1, idx.to(w.device)).t().reshape(-1)
+            pieces[g][k] = v.float().cpu()
+        del w
+    return {g: torch.cat(v) if v else torch.zeros(0) for g, v in pieces.items()}
+
+
 class DriftTracker(_callback_base()):
     """A ``TrainerCallback`` that logs the drift of ``groups`` (``{name: WeightSet |
     NeuronSet}``) to ``folder/drift.jsonl`` at step 0, every ``every`` optimizer steps and
@@ -165,8 +196,7 @@ class DriftTracker(_callback_base()):
 
         from nn_core.io import atomic_path
 
-        self.init = {n: torch.cat(t.read(self.model)) if t.parts else torch.zeros(0)
-                     for n, t in self.tracked.items()}
+        self.init = read_all(self.model, self.tracked)
         self.folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.folder / INIT_FILE) as tmp:
             save_file({n: v.contiguous() for n, v in self.init.items()}, str(tmp))
@@ -203,8 +233,9 @@ class DriftTracker(_callback_base()):
             self.capture_initial()
         rows = []
         members = {}
+        current = read_all(self.model, self.tracked)
         for name, t in self.tracked.items():
-            cur = torch.cat(t.read(self.model)) if t.parts else torch.zeros(0)
+            cur = current.pop(name)
             per = members[name] = member_metrics(cur, self.init[name], self.members[name],
                                                  t.n_members)
             for metric in METRICS:
