@@ -1,12 +1,13 @@
-"""LoKI on the real smollm2-135m: select 5 %, create, train 20 steps, restore, compare to LoRA.
+"""LoKI on the real smollm2-135m, as the issue's flow: analyse 8 samples, select 5 %, create,
+train 20 steps, restore, compare to LoRA.
 
-Positions: 5 % of each layer's 576 down-projection rows (29), drawn at random with a fixed
-seed (the KVA `analyse` command had not landed when this test was written; swap in
-`nn-kva-loki analyse` on 8 samples + `select --quota 5` once it has). Asserted: logits
-unchanged by conversion, only the active rows move in training (frozen rows and every
-other tensor bit-identical to the base), AdamW state = 2 x active parameters, the LoRA
-control's budget is the closest rank. Reported (printed, not asserted): general
-perplexity change of LoKI and of LoRA on held-out pydoc text.
+Positions: KVA of 8 samples of nn-eval's synthetic suite (`analyse`, fast engine,
+riemann_trapezoid with 2 steps to stay small), then `select_channels` layer-balanced at
+5 % (29 of each layer's 576 down-projection rows). Asserted: logits unchanged by
+conversion, only the active rows move in training (frozen rows and every other tensor
+bit-identical to the base), restore gives a plain model, the LoRA control's budget is the
+closest rank. Reported (printed, not asserted): general perplexity change of LoKI and of
+LoRA on held-out pydoc text.
 """
 
 from __future__ import annotations
@@ -17,8 +18,14 @@ import torch
 
 
 def test_loki_select_create_train_restore_vs_lora(smollm2, tmp_path):
+    import time
+
+    from torch import nn
+
+    from nn_core.intervene.surgery import split_modules
     from nn_core.model.adapters import get_adapter
     from nn_core.train import SFTConfig
+    from nn_kva_loki import KVASettings, analyse, load_samples, select_channels
     from nn_kva_loki.evaluate import EvalSettings, general_texts, model_metrics, train_lora_control
     from nn_kva_loki.loki import (
         active_parameters,
@@ -30,14 +37,26 @@ def test_loki_select_create_train_restore_vs_lora(smollm2, tmp_path):
     from nn_kva_loki.train import load_task_data, train_loki
 
     base, tok = smollm2
-    model = copy.deepcopy(base)
     sd0 = {k: v.clone() for k, v in base.state_dict().items()}
     ad = get_adapter(base)
     L, H, inter = ad.num_layers, ad.width("mlp_out"), ad.width("mlp_act")
-    k = round(0.05 * H)
-    gen = torch.Generator().manual_seed(0)
-    positions = [sorted(torch.randperm(H, generator=gen)[:k].tolist()) for _ in range(L)]
 
+    # KVA on 8 samples (fast engine, 2 steps), layer-balanced 5 %
+    t0 = time.perf_counter()
+    samples, label = load_samples("synthetic", tok, limit=8)
+    assert len(samples) == 8
+    kva = tmp_path / "kva.h5"
+    analyse(base, tok, samples, kva, settings=KVASettings(steps=2, dataset=label), batch_size=4,
+            progress=False)
+    sel = select_channels(kva, 5.0)
+    positions = sel.positions()
+    t_kva = time.perf_counter() - t0
+    k = round(0.05 * H)
+    assert sel.num_samples == 8 and sel.k == k
+    assert len(positions) == L and all(len(p) == k for p in positions)
+    assert all(torch.equal(v, sd0[n]) for n, v in base.state_dict().items())  # analysis changed nothing
+
+    model = copy.deepcopy(base)
     create_loki(model, positions)
     assert active_parameters(model) == L * k * inter
     ids = tok(["The quick brown fox jumps over the lazy dog."], return_tensors="pt")
@@ -51,6 +70,10 @@ def test_loki_select_create_train_restore_vs_lora(smollm2, tmp_path):
     assert result.global_step == 20
     trained, _ = load_loki(result.saved, device="cpu", dtype="float32")
     restore(trained)
+    # a plain model again: no split layer, no LoKI marker, every parameter trainable
+    assert not split_modules(trained) and type(get_adapter(trained).down_proj(0)) is nn.Linear
+    assert not hasattr(trained.config, "loki_format") and not hasattr(trained.config, "target_pos")
+    assert all(p.requires_grad for p in trained.parameters())
     sd = trained.state_dict()
     assert list(sd) == list(sd0)
     for name, w0 in sd0.items():
@@ -71,11 +94,12 @@ def test_loki_select_create_train_restore_vs_lora(smollm2, tmp_path):
                                               output_dir=str(tmp_path / "lora"), resume=False)
     assert r == rank and counted == expected
 
-    settings = EvalSettings(general_samples=8, max_length=256, batch_size=4, exact_match=False)
-    texts = [t[:2000] for t in general_texts(settings)]  # ~500 tokens each: one or two windows
+    settings = EvalSettings(general_samples=6, max_length=256, batch_size=6, exact_match=False)
+    texts = [t[:1000] for t in general_texts(settings)]  # ~250 tokens each: one window
     ppl = {name: model_metrics(m, tok, [], texts, settings)["general_ppl"]
            for name, m in (("base", base), ("loki", trained), ("lora", lora_res.model))}
-    print(f"\nLoKI: {budget} trainable, general PPL {ppl['base']:.3f} -> {ppl['loki']:.3f} "
+    print(f"\nKVA (8 samples, 2 steps) + select 5 %: {t_kva:.1f} s; "
+          f"LoKI: {budget} trainable, general PPL {ppl['base']:.3f} -> {ppl['loki']:.3f} "
           f"(Δ {ppl['loki'] - ppl['base']:+.4f}); LoRA r={r}: {counted} trainable, -> {ppl['lora']:.3f} "
           f"(Δ {ppl['lora'] - ppl['base']:+.4f})")
     assert all(v is not None and v == v for v in ppl.values())
