@@ -22,8 +22,10 @@ _DTYPES = {
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` picks cuda > mps > cpu; an explicit device that is unavailable is an error."""
-    if device is None or str(device) == "auto":
+    """``auto`` picks cuda > mps > cpu; an explicit device that is unavailable is an error.
+    ``map`` (a model spread with ``device_map="auto"``, see ``load_model``) resolves like
+    ``auto``: the device its first block, and so its inputs, land on."""
+    if device is None or str(device) in ("auto", "map"):
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -32,7 +34,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise NNError(f"unknown device '{device}': use auto, cpu, cuda, cuda:N or mps") from None
+        raise NNError(f"unknown device '{device}': use auto, map, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise NNError(f"device '{device}' was asked for but CUDA is not available: use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

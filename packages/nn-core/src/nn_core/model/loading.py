@@ -192,20 +192,34 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
     seed: int = 0,
+    device_map: str | dict | None = None,
 ) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer.
 
     ``spec``: ``smollm2-135m`` (embedded, offline), ``tiny-<arch>`` (random, for tests;
     ``seed`` sets its weights), a local folder, or a hub id. The tokenizer gets a pad token
     (the EOS token) when it has none.
+
+    ``device_map`` (``"auto"``, ``"balanced"``, ... or an explicit ``{module: device}``
+    dict) spreads a model too large for one device over all visible devices through
+    accelerate, as ``from_pretrained(device_map=...)`` does; ``device="map"`` (``--device
+    map`` on every CLI) is short for ``device_map="auto"``. Inputs then go to
+    :func:`nn_core.device.input_device`. ``tiny-*`` models are dispatched with accelerate's
+    ``infer_auto_device_map``/``dispatch_model``.
     """
     if not isinstance(spec, str) or not spec:
         raise NNError("no model given: pass --model with an alias, a local folder or a hub id")
+    if str(device) == "map":
+        device, device_map = "auto", device_map or "auto"
+    if device_map is not None:
+        require("accelerate", feature="device_map loading", package="nn-core", extra="lora")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if spec.startswith("tiny-"):
         model, tok = tiny_model(spec.removeprefix("tiny-"), seed=seed, dtype=dt)
-        return _finish(model, tok, dev, spec, quantized=False)
+        if device_map is not None:
+            _dispatch(model, device_map)
+        return _finish(model, tok, dev, spec, placed=device_map is not None)
 
     source = spec
     if spec == SMOLLM2_ALIAS:
@@ -232,14 +246,29 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             source, config=config, dtype=dt, quantization_config=quant,
-            device_map={"": dev.index or 0} if quant is not None else None, **kwargs,
+            device_map=device_map if device_map is not None
+            else ({"": dev.index or 0} if quant is not None else None), **kwargs,
         )
     except (OSError, ValueError, KeyError) as exc:
         if isinstance(exc, (ValueError, KeyError)) and "Unrecognized" in str(exc):
             raise NNError(f"model type '{model_type}' is not a causal LM transformers can load; "
                           "pass --trust-remote-code if it ships its own code") from None
         raise NNError(_load_error(spec, source, exc)) from None
-    return _finish(model, tok, dev, spec, quantized=quant is not None)
+    return _finish(model, tok, dev, spec, placed=quant is not None or device_map is not None)
+
+
+def _dispatch(model: nn.Module, device_map: str | dict) -> None:
+    """Place an in-memory model the way ``from_pretrained(device_map=...)`` places a loaded
+    one (accelerate's planner and hooks)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if isinstance(device_map, str):
+        if device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+            raise NNError(f"unknown device_map '{device_map}': use auto, balanced, "
+                          "balanced_low_0, sequential or a {module: device} dict")
+        device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules)
+    dispatch_model(model, device_map=device_map)
+    model.hf_device_map = dict(device_map)
 
 
 def _load_error(spec: str, source: str, exc: Exception) -> str:
@@ -251,8 +280,10 @@ def _load_error(spec: str, source: str, exc: Exception) -> str:
             "or a hub id while online (set HF_TOKEN for gated models)")
 
 
-def _finish(model, tok, dev: torch.device, spec: str, *, quantized: bool):
-    if not quantized:
+def _finish(model, tok, dev: torch.device, spec: str, *, placed: bool):
+    """``placed``: the loader already put the weights where they belong (quantized or
+    ``device_map`` loading); otherwise the whole model moves to ``dev``."""
+    if not placed:
         model.to(dev)
     model.eval()
     model.config.name_or_path = spec

@@ -55,7 +55,8 @@ COMMON_ARGS: dict[str, tuple] = {
     "model": ("--model", "smollm2-135m", str, "MODEL",
               "alias (smollm2-135m, tiny-llama, ...), local folder or hub id (default: %(default)s)"),
     "device": ("--device", "auto", str, "DEVICE",
-               "auto, cpu, cuda, cuda:1 or mps (default: %(default)s: cuda > mps > cpu)"),
+               "auto, cpu, cuda, cuda:1, mps, or map (spread the model over all devices: "
+               "device_map='auto') (default: %(default)s: cuda > mps > cpu)"),
     "dtype": ("--dtype", "auto", str, "DTYPE",
               "auto, float32, bfloat16 or float16 (default: %(default)s: fp32 on CPU)"),
     "seed": ("--seed", 0, int, "N", "random seed (default: %(default)s)"),
