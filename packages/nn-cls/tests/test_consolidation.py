@@ -77,9 +77,12 @@ def test_pseudo_pool_labels_a_sleep_in_one_pass_with_base_plus_hippocampus(fresh
         assert torch.allclose(e.teacher.values.float(), want.values.float(), atol=2e-3)
         assert not torch.allclose(logits, base)  # so the teacher really is base + hippocampus
     calls.clear()
+    hip_calls = []
+    system.hippocampus.register_forward_hook(lambda *a: hip_calls.append(1))
     sopt = torch.optim.AdamW(trained.values(), lr=1e-3)
     m, mix = sleep_step(system, replay, sopt, batch_size=4, pseudo_ratio=0.5, pseudo=pool[0])
     assert len(calls) == 1  # a step with its pseudo episodes given: only the student forward
+    assert hip_calls == []  # ... of the base alone: the hippocampus hook is off, not zeroed
     assert m["pseudo_batch_size"] == 2 and m["replay_batch_size_sleep"] == 2
     assert all(any(x is e for x in mix) for e in pool[0])
     calls.clear()
