@@ -92,6 +92,7 @@ def test_full_chain_score_groups_finetune_analyze(tmp_path):
     assert main(["finetune", "tiny-llama", "task:copy", "--groups", str(g), "--max-steps", "2",
                  "--track-every", "1", "--batch-size", "2", "--max-length", "160",
                  "--n-samples", "4", "--lr", "0.05", "--out", str(ft)]) == 0
+    assert json.loads((ft / "manifest.json").read_text())["tool"] == "nn-drift finetune"
     assert main(["analyze", str(ft), "--n-boot", "50", "--behaviour", "--n-eval", "2",
                  "--out", str(an)]) == 0
     stats = json.loads((an / "statistics.json").read_text())

@@ -76,6 +76,7 @@ def test_train_cli(built, tmp_path):
     assert (out / "adapter" / "adapter_config.json").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["extra"]["ica"]["components"] == [0, 1] and manifest["extra"]["ica"]["freeze_masked"]
+    assert manifest["tool"] == "nn-ica train"
 
 
 def test_parse_layers():

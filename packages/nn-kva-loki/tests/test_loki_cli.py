@@ -61,6 +61,7 @@ def test_train_restore_eval(tmp_path, positions, capsys):
     merged = load_file(str(run / "merged" / "model.safetensors"))
     assert json.loads((run / "model" / "config.json").read_text())["target_pos"] == [[1, 5, 9], [0, 63]]
     assert "loki_format" not in json.loads((run / "merged" / "config.json").read_text())
+    assert json.loads((run / "manifest.json").read_text())["tool"] == "nn-kva-loki train"
     for name, w in base.items():
         assert torch.equal(trained[name], merged[name])
         if name.endswith("mlp.down_proj.weight"):

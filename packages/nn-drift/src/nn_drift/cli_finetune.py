@@ -34,7 +34,7 @@ def _finetune(args) -> int:
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
     result, _ = finetune_with_drift(model, tok, examples, groups, cfg, track_every=args.track_every,
                                     freeze=args.freeze_group or (), resume=not args.no_resume,
-                                    model_spec=args.model)
+                                    model_spec=args.model, tool=TOOL)
     rows = [r for r in read_drift(out) if r["step"] == result.global_step and r["metric"] == "relative"]
     print(f"trained {result.global_step} steps (LoRA r={args.lora_r} on {', '.join(cfg.target_modules)}); "
           f"loss {result.metrics.get('training_loss', float('nan')):.4f}")

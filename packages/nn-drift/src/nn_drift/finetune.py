@@ -30,7 +30,8 @@ def block_linear_targets(model: nn.Module) -> list[str]:
 def finetune_with_drift(model: nn.Module, tokenizer, examples: Sequence, groups: Mapping,
                         config, *, track_every: int = 10, freeze: Sequence[str] = (),
                         resume: bool = True, model_spec: str | None = None,
-                        manifest_extra: Mapping | None = None, progress: bool | None = None):
+                        manifest_extra: Mapping | None = None, progress: bool | None = None,
+                        tool: str | None = None):
     """Fine-tune ``model`` (plain) with ``config`` (an :class:`nn_core.train.SFTConfig`;
     ``target_modules=None`` means every linear layer of the blocks) while a
     :class:`~nn_drift.drift.DriftTracker` logs the drift of ``groups`` into
@@ -61,7 +62,7 @@ def finetune_with_drift(model: nn.Module, tokenizer, examples: Sequence, groups:
     parts = {"groups": {n: [g.meta.get("method"), len(g)] for n, g in groups.items()},
              "freeze": list(freeze), "track_every": track_every,
              "data": [[e.prompt, e.response] for e in examples[:50]], "n_examples": len(examples)}
-    result = train(trainer, config, resume=resume, model_spec=model_spec,
+    result = train(trainer, config, resume=resume, model_spec=model_spec, tool=tool,
                    fingerprint=run_fingerprint(config, parts),
                    manifest_extra={"groups": {n: len(g) for n, g in groups.items()},
                                    "freeze": list(freeze), "track_every": track_every,

@@ -125,7 +125,7 @@ def run_pipeline(s: RunSettings, out: Path, *, log=print) -> dict:
                        max_steps=s.finetune_steps, batch_size=s.batch_size,
                        max_length=s.max_length, seed=s.seed, save_steps=10**9, logging_steps=10)
     result, _ = finetune_with_drift(model, tok, benign, groups, ft_cfg, track_every=s.track_every,
-                                    resume=False, model_spec=s.model,
+                                    resume=False, model_spec=s.model, tool="nn-drift run",
                                     manifest_extra={"data": s.finetune_data})
     phase("finetune")
     behaviour["finetuned"] = _stage(result.model, tok, harmful, util_eval, "finetuned", log,

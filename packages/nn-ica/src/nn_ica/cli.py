@@ -294,7 +294,7 @@ def _train(args) -> int:
                             quantization=args.quantization)
     result = masked_finetune(model, tok, examples, templates, ids, cfg, mode=args.mode,
                              freeze_masked=args.freeze_masked, site=args.site, check_id=not args.ignore_model_id,
-                             model_spec=spec, resume=not args.no_resume)
+                             model_spec=spec, resume=not args.no_resume, tool=_tool(args))
     print(f"trained {result.global_step} steps ({args.method}, {args.mode} components {ids}); "
           f"loss {result.metrics.get('training_loss', float('nan')):.4f}")
     print(f"wrote {result.saved} and {result.output_dir / 'manifest.json'}")

@@ -99,6 +99,7 @@ def masked_finetune(
     model_spec: str | None = None,
     callbacks: Sequence = (),
     resume: bool | str = True,
+    tool: str | None = None,
 ):
     """Fine-tune ``model`` with components ``components`` masked (see the module docs).
 
@@ -162,7 +163,7 @@ def masked_finetune(
     try:
         # mask.json goes into the adapter's temporary folder: adapter, mask and manifest
         # arrive together in one rename (then are copied to ``out``), never one without the other
-        result = train(trainer, config, resume=resume, model_spec=model_spec, fingerprint=fingerprint,
+        result = train(trainer, config, resume=resume, model_spec=model_spec, fingerprint=fingerprint, tool=tool,
                        extra_files=lambda folder: ns.save(folder / "mask.json"), manifest_extra={
             "ica": {"components": ids, "mode": mode, "site": templates.site, "n_neurons": len(ns),
                     "freeze_masked": freeze_masked,

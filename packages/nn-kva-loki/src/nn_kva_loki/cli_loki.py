@@ -143,9 +143,8 @@ def _train(args) -> int:
     model, tok = _load_for_training(args)
     base = args.model_spec  # a LoKI folder before training holds the base weights
     result = train_loki(model, tok, train_examples, cfg, merge=args.merge, model_spec=args.model_spec,
-                        resume=not args.no_resume,
-                        manifest_extra={"base_model": base, "data": data, "n_heldout": len(heldout),
-                                        "tool": _tool(args, "train")})
+                        resume=not args.no_resume, tool=_tool(args, "train"),
+                        manifest_extra={"base_model": base, "data": data, "n_heldout": len(heldout)})
     loss = result.metrics.get("training_loss", float("nan"))
     print(f"trained {result.global_step} steps on {len(train_examples)} examples (LoKI rows only); loss {loss:.4f}")
     print(f"wrote {result.saved}" + (f" and {Path(out) / 'merged'}" if args.merge else ""))

@@ -87,7 +87,7 @@ def loki_sft_config(config):
 
 def train_loki(model: nn.Module, tokenizer, train_examples: Sequence, config, *, merge: bool = False,
                model_spec: str | None = None, resume: bool | str = True, manifest_extra: dict | None = None,
-               callbacks: Sequence = ()):
+               callbacks: Sequence = (), tool: str | None = None):
     """Train a LoKI model (:func:`nn_kva_loki.create_loki` or :func:`nn_kva_loki.load_loki`)
     on instruction examples through :mod:`nn_core.train`; returns its
     :class:`~nn_core.train.SFTResult` (``saved`` is the trained LoKI folder). ``config`` is an
@@ -109,7 +109,7 @@ def train_loki(model: nn.Module, tokenizer, train_examples: Sequence, config, *,
     extra = {"loki": {"active_parameters": active, "positions_per_layer": [len(p) for p in positions],
                       "n_train": len(train_examples)}, **(manifest_extra or {})}
     result = run_training(trainer, cfg, resume=resume, manifest_extra=extra, model_spec=model_spec,
-                          fingerprint=fingerprint)
+                          fingerprint=fingerprint, tool=tool)
     atomic_write_json(Path(result.saved) / POSITIONS_FILE, positions, indent=None)
     if merge:
         plain = restore(trainer.model)

@@ -17,7 +17,7 @@ from nn_core.train.trainer import last_checkpoint
 
 def train(trainer, config: SFTConfig, *, resume: bool | str = True, manifest_extra: dict | None = None,
           model_spec: str | None = None, fingerprint: dict | None = None,
-          extra_files: Callable[[Path], object] | None = None) -> SFTResult:
+          extra_files: Callable[[Path], object] | None = None, tool: str | None = None) -> SFTResult:
     """Run ``trainer``, save what was trained and write ``manifest.json``.
 
     ``resume``: True continues from the last checkpoint in ``output_dir`` when there is
@@ -38,6 +38,9 @@ def train(trainer, config: SFTConfig, *, resume: bool | str = True, manifest_ext
     run's copies there are deleted (the manifest first) before the rename. So a copy in
     ``output_dir`` is either absent or identical to the one inside the saved folder, even
     after a kill at any moment.
+
+    ``tool`` (e.g. ``"nn-drift finetune"``) is recorded in the manifest, so the tool can later
+    recognise the folder as its own previous output.
 
     ``fingerprint`` (from :func:`run_fingerprint`) is written to ``output_dir`` before
     training; resuming a checkpoint whose folder records a different fingerprint (or
@@ -85,7 +88,7 @@ def train(trainer, config: SFTConfig, *, resume: bool | str = True, manifest_ext
         atomic_write_json(tmp / TRAIN_LOG, {"metrics": metrics, "history": history})
         manifest = write_manifest(
             tmp, config=config.to_dict(), model=base_model(model), model_spec=model_spec,
-            seeds=config.seed, phases={"train": train_s, "save": time.perf_counter() - t1},
+            seeds=config.seed, phases={"train": train_s, "save": time.perf_counter() - t1}, tool=tool,
             extra={"method": config.method, "saved": target.name, "resumed_from": ckpt,
                    "metrics": _jsonable(metrics),
                    **({"fingerprint": fingerprint["hash"]} if fingerprint is not None else {}),
