@@ -176,18 +176,6 @@ def _setter(pos_in_chunk: torch.Tensor, value: torch.Tensor):
     return fn
 
 
-def _row_setter(n: int, rows: torch.Tensor, value: torch.Tensor):
-    """Site fn for single-token batches of ``n`` rows: rows ``rows`` get ``value[rows]``
-    (their last position), the others keep their natural activation."""
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        out = x.clone()
-        view = out.view(n, -1, x.shape[-1])
-        idx = rows.to(x.device)
-        view[idx, -1] = value[idx].to(x.dtype)
-        return out
-    return fn
-
-
 def _reader(pos_in_chunk: torch.Tensor, store: dict, key):
     n = pos_in_chunk.numel()
 
@@ -391,27 +379,9 @@ def _left_pack(ids, mask, pos):
 def _select_cache(cache, rows: torch.Tensor):
     """A copy of ``cache`` holding batch rows ``rows`` (with repeats); the prefix cache's
     tensors are not modified (cache layers rebind, never write in place, on update)."""
-    new = copy.copy(cache)
-    layers = getattr(cache, "layers", None)
-    if layers is None:
+    if getattr(cache, "layers", None) is None:
         raise NNError("engine='kv_cache' needs a transformers Cache with .layers: use engine='full'")
-    new.layers = [copy.copy(layer) for layer in layers]
-    first = int(rows[0])
-    if bool((rows == first).all()):
-        # one row repeated (all the variants of one sample): broadcast views instead of
-        # copies for the plain dynamic layers (their update concatenates, never writes in place)
-        n = rows.numel()
-        rest = []
-        for layer in new.layers:
-            if (type(layer).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer")
-                    and isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.numel()):
-                layer.keys = layer.keys[first:first + 1].expand(n, *layer.keys.shape[1:])
-                layer.values = layer.values[first:first + 1].expand(n, *layer.values.shape[1:])
-            else:
-                rest.append(layer)
-        for layer in rest:
-            layer.batch_select_indices(rows)
-        return new
+    new = _fresh(cache)
     new.batch_select_indices(rows)
     return new
 
@@ -550,7 +520,7 @@ def _kv_rows(model, last_logits, layers, site, alpha, weight, target_fn, clean, 
         fns = {}
         for layer in torch.unique(layer_of[lis]).tolist():
             mine = torch.nonzero(layer_of[lis] == layer)[:, 0]
-            fns[SiteRef(layer, site)] = _row_setter(len(rows), mine, z)
+            fns[SiteRef(layer, site)] = _col_setter(1, len(rows), mine, z[None])  # one token per row
         with torch.enable_grad(), hooked(model, fns):
             value = target_fn(last_logits(rows), rows)
             (grad,) = torch.autograd.grad(value.sum(), z)
