@@ -116,28 +116,14 @@ class _Tracked:
                 self.parts.append((name, f"dim{dim}", idx, member.repeat_interleave(other)))
                 self.n_members += int(idx.numel())
 
-    @torch.no_grad()
-    def read(self, model: nn.Module) -> list[torch.Tensor]:
-        from nn_core.intervene.lora_views import effective_values, effective_weight
-
-        out = []
-        for name, how, idx, _ in self.parts:
-            if how == "flat":
-                out.append(effective_values(model, name, idx).detach().float().cpu())
-            elif how == "dim0":
-                out.append(effective_weight(model, name, rows=idx).detach().float().cpu().reshape(-1))
-            else:
-                out.append(effective_weight(model, name, cols=idx).detach().float().cpu().t().reshape(-1))
-        return out
-
     def members(self) -> torch.Tensor:
         return torch.cat([m for *_, m in self.parts]) if self.parts else torch.zeros(0, dtype=torch.long)
 
 
 @torch.no_grad()
 def read_all(model: nn.Module, tracked: Mapping[str, _Tracked]) -> dict[str, torch.Tensor]:
-    """The current values of every tracked group, ``{group: flat values in part order}``,
-    as :meth:`_Tracked.read` gives them, but reading each weight matrix once for all
+    """The current values of every tracked group, ``{group: flat values in part order}``
+    (a part's entries, its rows or its columns' entries row-major), reading each weight matrix once for all
     groups: its effective weight W0 + Σ s·B A is formed densely (one rank-r product, cheap
     next to gathering millions of entries through rank-r dot products) and every group's
     entries are gathered from it, one matrix at a time (peak: one matrix, never a copy of
@@ -227,13 +213,14 @@ class DriftTracker(_callback_base()):
                 f.unlink()
 
     # ---------------------------------------------------------------- measuring
-    def measure(self, step: int) -> list[dict]:
-        """Compute and append the rows for ``step``; returns them."""
+    def measure(self, step: int, current: Mapping[str, torch.Tensor] | None = None) -> list[dict]:
+        """Compute and append the rows for ``step``; returns them. ``current``: the values
+        just read (:func:`read_all`), when the caller has them."""
         if self.init is None:
             self.capture_initial()
         rows = []
         members = {}
-        current = read_all(self.model, self.tracked)
+        current = dict(current) if current is not None else read_all(self.model, self.tracked)
         for name, t in self.tracked.items():
             cur = current.pop(name)
             per = members[name] = member_metrics(cur, self.init[name], self.members[name],
@@ -261,10 +248,11 @@ class DriftTracker(_callback_base()):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         step = int(state.global_step)
         if step == 0:
-            if self.init is None:
+            fresh = self.init is None
+            if fresh:
                 self.capture_initial()
             self._truncate_log(-1)
-            self.measure(0)
+            self.measure(0, current=self.init if fresh else None)  # just read: not again
         else:
             self._load_initial()
             self._truncate_log(step)
