@@ -221,12 +221,10 @@ class Runtime:
         if not self.distributed:
             raise RuntimeError("average_fisher is for data-parallel runs")
         total = self.reduce_floats([units], "sum")[0]
+        flat = ewc.flat_fisher  # one all-reduce for every parameter's Fisher
         with torch.no_grad():
-            for n, f in ewc.fisher.items():
-                ewc.fisher[n] = self._reduce(f * units, "sum") / max(total, 1.0)
-        num = sum(float(f.sum()) for f in ewc.fisher.values())
-        den = sum(f.numel() for f in ewc.fisher.values())
-        return {"fisher_units": round(total), "fisher_mean": num / den}
+            flat.copy_(self._reduce(flat * units, "sum") / max(total, 1.0))
+        return {"fisher_units": round(total), "fisher_mean": float(flat.mean())}
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:

@@ -185,24 +185,13 @@ def sleep_step(system: CLSSystem, replay: ReplayBuffer, optimizer: torch.optim.O
              "sleep_mix_ratio_pseudo": len(pseudo) / max(len(mix), 1)}, mix)
 
 
-class _FlatViews(dict):
-    """``{name: view}`` of one flat buffer; assigning an existing name copies into its view, so
-    the buffer stays the single source of truth (e.g. a data-parallel Fisher average)."""
-
-    def __setitem__(self, key, value) -> None:
-        if key in self:
-            with torch.no_grad():
-                self[key].copy_(torch.as_tensor(value).reshape(self[key].shape))
-        else:
-            super().__setitem__(key, value)
-
-
 class OnlineEWC:
     """Online EWC over ``params`` (``{name: parameter}``, the parameters the base trains).
 
     Fisher diagonal and anchors live in two flat float32 buffers (one entry per trained
     scalar, parameters concatenated in ``params`` order); :attr:`fisher` and :attr:`anchors`
-    are per-parameter views of them. :meth:`penalty` is then one fused expression
+    are per-parameter views of them (edit them in place, or the whole buffer through
+    :attr:`flat_fisher`, e.g. a data-parallel average). :meth:`penalty` is then one fused expression
     ``(λ/2) · Σ F ⊙ (θ − θ*)²`` over the concatenated parameters, not a Python loop of
     small kernels per tensor (whose backward would be as long again).
     """
@@ -222,11 +211,17 @@ class OnlineEWC:
         self.updates = 0
 
     def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        views, o = [], 0
+        views, o = {}, 0
         for n, p in self.params.items():
-            views.append((n, flat[o:o + p.numel()].view(p.shape)))
+            views[n] = flat[o:o + p.numel()].view(p.shape)
             o += p.numel()
-        return _FlatViews(views)
+        return views
+
+    @property
+    def flat_fisher(self) -> torch.Tensor | None:
+        """The Fisher diagonal as one flat float32 buffer (``None`` before the first update);
+        :attr:`fisher` holds views of it."""
+        return self._flat_f
 
     def _set(self, fisher: Mapping[str, torch.Tensor], anchors: Mapping[str, torch.Tensor]) -> None:
         dev = next(iter(self.params.values())).device
