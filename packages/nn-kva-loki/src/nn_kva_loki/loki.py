@@ -108,18 +108,8 @@ def precheck_positions(source) -> None:
     file is readable, and a per-layer list holds distinct non-negative integers. The layer
     count and the upper bound need the model (:func:`resolve_positions`)."""
     raw, what = _raw_positions(source)
-    if isinstance(raw, NeuronSet):
-        return
-    if isinstance(raw, (list, tuple)) and all(isinstance(x, (list, tuple)) for x in raw):
-        for layer, values in enumerate(raw):
-            neg = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v < 0]
-            if neg:
-                raise NNError(f"{what}: layer {layer} holds the negative index {neg[0]}: indices are "
-                              "channel numbers 0..hidden-1")
-        top = max((v for x in raw for v in x if isinstance(v, int)), default=0)
-        check_loki_positions(raw, len(raw), int(top) + 1, what=what)
-    else:
-        check_loki_positions(raw, 0, 0, what=what)
+    if not isinstance(raw, NeuronSet):
+        check_loki_positions(raw, None, None, what=what)
 
 
 # ------------------------------------------------------------------ model

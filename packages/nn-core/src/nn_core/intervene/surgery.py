@@ -427,20 +427,27 @@ LOKI_FORMAT_KEY = "loki_format"
 LOKI_POSITIONS_KEY = "target_pos"  # the field name of the original LoKI configs
 
 
-def check_loki_positions(positions, num_layers: int, width: int, *, what: str = "positions") -> list[list[int]]:
+def check_loki_positions(positions, num_layers: int | None, width: int | None, *,
+                         what: str = "positions") -> list[list[int]]:
     """LoKI positions (one list of down-projection output channels per layer) checked
-    strictly: exactly ``num_layers`` lists of distinct integers in ``0..width-1``; returns
-    them sorted. Anything else raises one :class:`NNError` line naming the fix."""
+    strictly: exactly ``num_layers`` lists of distinct non-negative integers below
+    ``width``; returns them sorted. ``num_layers`` / ``width`` ``None``: that bound is not
+    checked (e.g. before the model is loaded). Anything else raises one :class:`NNError`
+    line naming the fix."""
     if not isinstance(positions, (list, tuple)) or not all(isinstance(x, (list, tuple)) for x in positions):
         raise NNError(f"{what} must be one list of channel indices per layer, e.g. [[3, 17], [], [5]]")
-    if len(positions) != num_layers:
+    if num_layers is not None and len(positions) != num_layers:
         raise NNError(f"{what} cover {len(positions)} layers but the model has {num_layers}: "
                       "they were made for another model")
     out = []
     for layer, values in enumerate(positions):
         if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
             raise NNError(f"{what}: layer {layer} holds a non-integer index: indices are integers")
-        bad = [v for v in values if not 0 <= v < width]
+        neg = [v for v in values if v < 0]
+        if neg:
+            raise NNError(f"{what}: layer {layer} holds the negative index {neg[0]}: indices are "
+                          "channel numbers 0..hidden-1")
+        bad = [v for v in values if width is not None and v >= width]
         if bad:
             raise NNError(f"{what}: layer {layer} holds index {bad[0]}, out of range 0..{width - 1}: "
                           "they were made for another model")
