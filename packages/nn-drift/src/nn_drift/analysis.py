@@ -165,12 +165,21 @@ def report(stats: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_analysis(run: str | Path, out: Path, **kw) -> dict:
-    """``statistics.json``, ``report.md`` and ``drift_<metric>.png`` into ``out``."""
+def write_analysis(run: str | Path, out: Path, *, behaviour: dict | None = None, **kw) -> dict:
+    """``statistics.json``, ``report.md`` and ``drift_<metric>.png`` into ``out``; with
+    ``behaviour`` (refusal rate and utility loss per stage) also ``behaviour.json``, the
+    same under ``statistics.json``'s ``behaviour`` and a Behaviour section in the report."""
     from nn_drift.drift import read_drift
 
     stats = compare(run, **kw)
+    text = report(stats)
+    if behaviour is not None:
+        from nn_drift.behaviour import behaviour_markdown
+
+        stats["behaviour"] = behaviour
+        (out / "behaviour.json").write_text(json.dumps(behaviour, indent=2))
+        text += "\n## Behaviour\n\n" + behaviour_markdown(behaviour)
     (out / "statistics.json").write_text(json.dumps(stats, indent=2))
-    (out / "report.md").write_text(report(stats))
+    (out / "report.md").write_text(text)
     plot_series(read_drift(run), out)
     return stats

@@ -22,17 +22,10 @@ def _analyze(args) -> int:
                            overwrite=args.overwrite)
     t0 = time.perf_counter()
     steps = [int(s) for s in args.steps.split(",")] if args.steps else None
+    behaviour = _behaviour(args) if args.behaviour else None
     with atomic_dir(out, tool=TOOL, overwrite=args.overwrite) as tmp:
-        stats = write_analysis(args.run, tmp, baseline=args.baseline, steps=steps,
-                               n_boot=args.n_boot, seed=args.seed)
-        if args.behaviour:
-            from nn_drift.behaviour import behaviour_markdown
-
-            stats["behaviour"] = _behaviour(args)
-            (tmp / "statistics.json").write_text(json.dumps(stats, indent=2))
-            (tmp / "behaviour.json").write_text(json.dumps(stats["behaviour"], indent=2))
-            with (tmp / "report.md").open("a") as f:
-                f.write("\n## Behaviour\n\n" + behaviour_markdown(stats["behaviour"]))
+        write_analysis(args.run, tmp, baseline=args.baseline, steps=steps, n_boot=args.n_boot,
+                       seed=args.seed, behaviour=behaviour)
         write_manifest(tmp, config=args_config(args), phases={"analyze": time.perf_counter() - t0},
                        tool=TOOL, extra={"run": str(args.run)})
     print((out / "report.md").read_text())
